@@ -1,0 +1,308 @@
+"""Typed, frozen configuration loaded from ``params.yaml``.
+
+Every block of ``params.yaml`` maps to one frozen dataclass. Loading is strict: an unknown key, a
+value of the wrong type or a value outside its allowed range raises :class:`ConfigError` with the
+dotted key, the offending value and what is allowed. Ranges and choices live in each field's
+``metadata`` (``min``, ``max``, ``choices``) so that the rule sits next to the default it guards.
+
+This module imports only the standard library and PyYAML: it is loaded by every ``kseg`` command,
+including ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from kseg.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A ``params.yaml`` value that kseg cannot use; the message names the key and the rule."""
+
+
+def _f(default: Any, /, **meta: Any) -> Any:
+    """Declares a dataclass field with validation metadata (min, max, choices, help)."""
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        # Nested sections are frozen, but each Params still gets its own default object.
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic H&E dataset (``data.source: synthetic``)."""
+
+    seed: int = _f(0, min=0, help="RNG seed; the same seed gives byte-identical files")
+    n_patients: int = _f(6, min=1, max=1000)
+    tiles_per_patient: int = _f(4, min=1, max=1000)
+    tile_size: int = _f(256, min=64, max=4096)
+    nuclei_per_tile: tuple[int, int] = _f((25, 45), help="min and max nuclei drawn per tile")
+    nucleus_radius: tuple[float, float] = _f((5.0, 11.0), help="min and max semi-axis in pixels")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw dataset comes from and where it is written."""
+
+    source: Literal["synthetic", "tnbc", "kidney", "folder"] = _f("synthetic")
+    url: str | None = _f(None, help="override the download URL (http(s)://, file:// or a path)")
+    sha256: str | None = _f(None, help="override the expected sha256 of the archive")
+    path: str | None = _f(None, help="local archive or folder (kidney, folder sources)")
+    dir: str = _f("data", help="folder the raw dataset is written to")
+    synthetic: SyntheticConfig = _f(SyntheticConfig())
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Canonical tiles, labels and distance targets."""
+
+    out_dir: str = _f("prepared")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Patient-level train / validation / test split."""
+
+    test_patients: tuple[str, ...] = _f(
+        (), help="patients held out for testing; empty = drawn with the seed"
+    )
+    test_fraction: float = _f(0.2, min=0.0, max=0.9)
+    val_fraction: float = _f(0.2, min=0.0, max=0.9)
+    seed: int = _f(0, min=0)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """DIST dynamic watershed (Naylor et al. 2018) turning a distance map into instances."""
+
+    h: int = _f(7, min=1, max=255, help="dynamic (h-maxima depth) on the 0..255 scale")
+    foreground_threshold: int = _f(28, min=0, max=255, help="0..255 scale; below is background")
+    watershed_line: bool = _f(True, help="keep 1-px background lines between touching nuclei")
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of ``params.yaml``."""
+
+    seed: int = _f(42, min=0)
+    data: DataConfig = _f(DataConfig())
+    prepare: PrepareConfig = _f(PrepareConfig())
+    split: SplitConfig = _f(SplitConfig())
+    model: ModelConfig = _f(ModelConfig())
+    postprocess: PostprocessConfig = _f(PostprocessConfig())
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list of " + ", ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Converts a YAML value to ``tp`` or raises ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        return _convert_union(value, tp, key)
+    if origin is tuple:
+        return _convert_tuple(value, tp, key)
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    for arg in get_args(tp):
+        if arg is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+
+
+def _convert_tuple(value: Any, tp: Any, key: str) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    args = get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {value!r}")
+    return tuple(
+        _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+    )
+
+
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp not in _SCALARS:
+        raise ConfigError(f"{key}: unsupported setting type {tp!r}")  # a bug in the schema
+    accepted, name = _SCALARS[tp]
+    # bool is a subclass of int in Python; `seed: true` must not pass as 1.
+    if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            continue
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and item < lo) or (hi is not None and item > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed {bounds}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {meta['choices']}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; allowed keys{' in ' + prefix if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key)
+        _check_range(converted, fields[name].metadata, key)
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(f"{prefix or 'params'}: {err}") from err
+    return obj
+
+
+def params_from_dict(raw: dict[str, Any] | None) -> Params:
+    """Builds :class:`Params` from a parsed ``params.yaml`` mapping (missing keys take defaults).
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or an out-of-range value.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping at the top level, got {type(raw).__name__}")
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Loads and validates ``params.yaml``.
+
+    Args:
+        path: The YAML file. A missing file is an error (the defaults are not guessed silently).
+
+    Raises:
+        ConfigError: naming the file, and the key for schema violations.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-JSON view of a config object (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}`` view of a config, for experiment trackers."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(obj).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattens nested dicts with dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def params_hash(params: Params) -> str:
+    """Stable short hash of the resolved parameters (sorted JSON, sha256, 12 hex digits)."""
+    blob = json.dumps(to_dict(params), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def save_config(obj: Any, path: str | Path) -> Path:
+    """Writes a config object as JSON next to the artifact that depends on it (atomically)."""
+    from kseg.fsutil import atomic_write_text
+
+    return atomic_write_text(Path(path), json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
