@@ -84,6 +84,8 @@ def show_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 # --- data commands ---
 
+# --- stain commands ---
+
 # --- model commands ---
 
 # --- pipeline commands ---

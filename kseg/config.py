@@ -86,6 +86,30 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class ValidateConfig:
+    """Great Expectations checks on the prepared manifest and split."""
+
+    min_tiles_per_split: int = _f(1, min=0)
+    report: str = _f("reports/validation.html")
+
+
+@dataclass(frozen=True)
+class StainConfig:
+    """Stain normalization, fitted on the training split only."""
+
+    method: Literal["none", "reinhard", "macenko"] = _f("none")
+    out_dir: str = _f("normalized")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (albumentations), mask-safe."""
+
+    flips: bool = _f(True, help="horizontal and vertical flips (the original's)")
+    rotate90: bool = _f(True, help="random multiples of 90 degrees (the original's)")
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     """DIST dynamic watershed (Naylor et al. 2018) turning a distance map into instances."""
 
@@ -102,6 +126,9 @@ class Params:
     data: DataConfig = _f(DataConfig())
     prepare: PrepareConfig = _f(PrepareConfig())
     split: SplitConfig = _f(SplitConfig())
+    validate: ValidateConfig = _f(ValidateConfig())
+    stain: StainConfig = _f(StainConfig())
+    augment: AugmentConfig = _f(AugmentConfig())
     model: ModelConfig = _f(ModelConfig())
     postprocess: PostprocessConfig = _f(PostprocessConfig())
 
