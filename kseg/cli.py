@@ -91,6 +91,90 @@ def show_params(params: ParamsOpt = Path("params.yaml")) -> None:
 # --- pipeline commands ---
 
 
+@app.command()
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--fresh",
+            help="Continue from a checkpoint of the same params and data (default) or start over.",
+        ),
+    ] = True,
+) -> None:
+    """Train the distance-map regressor, pick the best epoch on validation patients, log to MLflow.
+
+    Runs under torchrun too (DDP: NCCL on GPUs, gloo on CPU; only rank 0 writes and logs).
+    """
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.train import TrainingDiverged
+    from kseg.train import train as run_train
+
+    try:
+        summary = run_train(cfg, resume=resume)
+    except TrainingDiverged as err:
+        _fail(str(err), code=1)
+    except (OSError, ValueError) as err:
+        _fail(f"train failed: {err}")
+    if summary:
+        typer.echo(
+            f"model written to {cfg.train.out_dir}/ (best epoch {summary['best_epoch']}, "
+            f"{summary['select_metric']} {summary['best_score']:.4f})"
+        )
+
+
+@app.command()
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (default: train.out_dir).")
+    ] = None,
+) -> None:
+    """Segment the held-out test patients; write metrics/eval.json, per-tile table, overlays."""
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.evaluate import evaluate as run_evaluate
+
+    try:
+        summary = run_evaluate(cfg, model)
+    except (OSError, ValueError) as err:
+        _fail(f"evaluate failed: {err}")
+    keys = ("pixel_f1", "object_f1", "aji", "pq")
+    typer.echo(
+        "test: "
+        + "  ".join(f"{k} {summary[k]:.4f}" for k in keys)
+        + f"  ({summary['n_tiles']} tiles)"
+    )
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
+    model: Annotated[
+        str, typer.Option(help="Model folder or MLflow URI, e.g. models:/kseg@champion.")
+    ] = "models/kseg",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON."""
+    _setup_logging()
+    from kseg.predict import predict as run_predict
+
+    try:
+        report = run_predict(inputs, model, out, device=device, progress=sys.stderr.isatty())
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    for path in report.skipped:
+        typer.echo(f"skipped (not an image): {path}", err=True)
+    n_ok = len(report.written) // 4
+    typer.echo(f"{n_ok} image(s) segmented into {out}/")
+    if report.failed:
+        for msg in report.failed.values():
+            typer.echo(f"failed: {msg}", err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -110,6 +110,35 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Training of the distance-map regressor (original: Adam 7e-4, L2 7e-4, MSE, batch 2)."""
+
+    epochs: int = _f(3, min=1, max=100_000)
+    batch_size: int = _f(2, min=1, max=4096)
+    samples_per_epoch: int = _f(0, min=0, help="crops per epoch; 0 = one per training tile")
+    lr: float = _f(7e-4, min=0.0, max=10.0)
+    weight_decay: float = _f(7e-4, min=0.0, max=1.0)
+    optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", help="adam = the original's")
+    scheduler: Literal["none", "cosine", "step"] = _f("none", help="none = the original's")
+    loss: Literal["mse", "mse_bce"] = _f(
+        "mse", help="mse on the 0..255 distance map (original); mse_bce adds a foreground BCE"
+    )
+    fg_loss_weight: float = _f(1.0, min=0.0, help="weight of the foreground term of mse_bce")
+    select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = _f(
+        "aji", help="validation score that picks the best epoch (after post-processing)"
+    )
+    early_stopping_patience: int = _f(0, min=0, help="epochs without improvement; 0 = off")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto")
+    amp: bool = _f(True, help="automatic mixed precision (CUDA only)")
+    channels_last: bool = _f(True, help="channels_last memory format (CUDA only)")
+    threads: int = _f(0, min=0, max=512, help="torch CPU threads; 0 = torch's default")
+    checkpoint_dir: str = _f(".checkpoints", help="resumable checkpoints, one folder per config")
+    out_dir: str = _f("models/kseg", help="the model folder evaluate/register/predict use")
+    experiment: str = _f("kseg", help="MLflow experiment name")
+    val_overlays: int = _f(2, min=0, max=64, help="validation overlay images logged per epoch")
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     """DIST dynamic watershed (Naylor et al. 2018) turning a distance map into instances."""
 
@@ -130,6 +159,7 @@ class Params:
     stain: StainConfig = _f(StainConfig())
     augment: AugmentConfig = _f(AugmentConfig())
     model: ModelConfig = _f(ModelConfig())
+    train: TrainConfig = _f(TrainConfig())
     postprocess: PostprocessConfig = _f(PostprocessConfig())
 
 

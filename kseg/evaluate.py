@@ -1,0 +1,115 @@
+"""The ``evaluate`` stage: segment the held-out test patients and report instance metrics.
+
+The test split is never seen in training or model selection. Outputs:
+
+- ``metrics/eval.json``: means over test tiles of ``pixel_f1``, ``pixel_iou``, ``dice``,
+  ``object_f1``, ``aji``, ``pq``, ``dq``, ``sq`` (plus precision/recall and the tile count);
+- ``metrics/eval_tiles.csv``: one row per test tile (a DVC plot source);
+- ``reports/eval/<tile_id>.png``: prediction (yellow) and ground-truth (cyan) outlines on the tile;
+- the same numbers (prefixed ``test_``) and pictures logged to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kseg.config import Params
+from kseg.data.dataset import load_split, load_tiles
+from kseg.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = ("pixel_f1", "pixel_iou", "dice", "object_f1", "aji", "pq", "dq", "sq")
+EXTRA_KEYS = ("object_precision", "object_recall")
+
+
+def evaluate(params: Params, model_dir: Path | None = None) -> dict[str, Any]:
+    """Runs the evaluate stage and returns the contents of ``metrics/eval.json``."""
+    from PIL import Image
+
+    from kseg.metrics import segmentation_metrics
+    from kseg.plots import overlay
+    from kseg.segmenter import Segmenter
+
+    model_dir = Path(model_dir or params.train.out_dir)
+    segmenter = Segmenter.from_folder(model_dir)
+    prepared = Path(params.prepare.out_dir)
+    split = load_split(prepared)
+    if not split["test"]:
+        raise ValueError(f"{prepared / 'split.json'}: the test split is empty")
+    # Raw prepared tiles: the segmenter applies the trained stain normalization itself.
+    tiles = load_tiles(prepared / "images", prepared / "labels", split["test"])
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with atomic_dir(Path("reports") / "eval") as overlays:
+        for tile_id, image, gt in zip(tiles.ids, tiles.images, tiles.labels, strict=True):
+            pred, _ = segmenter.segment(image)
+            scores = segmentation_metrics(pred, gt)
+            rows.append(
+                {
+                    "tile_id": tile_id,
+                    "n_pred": int(pred.max()),
+                    "n_gt": int(gt.max()),
+                    **{k: scores[k] for k in (*EVAL_KEYS, *EXTRA_KEYS)},
+                }
+            )
+            Image.fromarray(overlay(image, pred, gt)).save(overlays / f"{tile_id}.png")
+    seconds = time.perf_counter() - start
+    summary: dict[str, Any] = {k: _mean(rows, k) for k in (*EVAL_KEYS, *EXTRA_KEYS)}
+    summary.update(n_tiles=len(rows), seconds_per_tile=seconds / len(rows))
+    _write_metrics(summary, rows)
+    _log_to_training_run(model_dir, summary)
+    return summary
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    values = [float(r[key]) for r in rows if np.isfinite(r[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _write_metrics(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(Path("metrics") / "eval.json", json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(Path("metrics") / "eval_tiles.csv", buf.getvalue().encode())
+
+
+def _log_to_training_run(model_dir: Path, summary: dict[str, Any]) -> None:
+    """Adds the test metrics and overlays to the MLflow run that trained the model."""
+    info_path = model_dir / "train_summary.json"
+    if not info_path.is_file():
+        log.warning("%s missing: test metrics not logged to MLflow", info_path)
+        return
+    info = json.loads(info_path.read_text())
+    if not info.get("mlflow_run_id"):
+        return
+    import mlflow
+
+    from kseg.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    run_id = info["mlflow_run_id"]
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        log.warning(
+            "MLflow run %s not found at %s: test metrics not logged", run_id, tracking_uri()
+        )
+        return
+    for key in (*EVAL_KEYS, *EXTRA_KEYS):
+        if np.isfinite(summary[key]):
+            client.log_metric(run_id, f"test_{key}", float(summary[key]))
+    client.log_artifact(run_id, str(Path("metrics") / "eval.json"), "evaluation")
+    client.log_artifact(run_id, str(Path("metrics") / "eval_tiles.csv"), "evaluation")
+    client.log_artifacts(run_id, str(Path("reports") / "eval"), "evaluation/overlays")

@@ -1,0 +1,150 @@
+"""Tiled inference: a distance map for an image of any size from a network built for one tile size.
+
+The image is covered by overlapping windows of the model's tile size; window predictions are
+blended with a smooth weight that is highest in the window centre, so there are no seams and a
+nucleus cut by one window's border is predicted whole by its neighbour. Post-processing then runs on
+the blended map of the whole image, so a nucleus on a window border comes out as one instance.
+Memory for the network is bounded by ``batch_size`` windows, whatever the image size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from kseg.fsutil import atomic_write_text
+
+PREPROCESS_FILE = "preprocess.json"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Input normalization of the network: per-channel mean and std on the 0..255 scale.
+
+    Fitted on the (stain-normalized) training tiles and saved in the model folder. The original
+    subtracts a per-pixel BGR mean image from RGB input (a channel-order bug); kseg standardizes per
+    channel instead, which works for any tile size.
+    """
+
+    mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    std: tuple[float, float, float] = (64.0, 64.0, 64.0)
+
+    def to_tensor(self, images: NDArray[np.uint8]) -> torch.Tensor:
+        """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 standardized."""
+        arr = np.asarray(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def save(self, folder: Path) -> Path:
+        """Writes ``preprocess.json`` into ``folder``."""
+        return atomic_write_text(Path(folder) / PREPROCESS_FILE, json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> Preprocess:
+        """Reads ``preprocess.json`` from a model folder."""
+        path = Path(folder) / PREPROCESS_FILE
+        try:
+            raw = json.loads(path.read_text())
+            return cls(mean=tuple(raw["mean"]), std=tuple(raw["std"]))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a kseg preprocess file ({err})") from err
+
+    @classmethod
+    def fit(cls, images: list[NDArray[np.uint8]]) -> Preprocess:
+        """Per-channel mean and std over all pixels of ``images`` (each ``(H, W, 3)`` uint8)."""
+        total = np.zeros(3)
+        total_sq = np.zeros(3)
+        count = 0
+        for img in images:
+            pix = img.reshape(-1, 3).astype(np.float64)
+            total += pix.sum(0)
+            total_sq += (pix**2).sum(0)
+            count += len(pix)
+        mean = total / max(count, 1)
+        std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1.0))
+        return cls(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+def window_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of size ``tile`` covering ``[0, length)`` with >= ``overlap``.
+
+    The last window is aligned with the end, so every window lies inside the (padded) image.
+    """
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_weight(tile: int, floor: float = 1e-3) -> NDArray[np.float32]:
+    """``(tile, tile)`` separable Hann-like weight, 1 in the centre, ``floor`` at the edges."""
+    ramp = np.sin(np.pi * (np.arange(tile) + 0.5) / tile) ** 2
+    w = np.outer(ramp, ramp).astype(np.float32)
+    return np.maximum(w, floor)
+
+
+def _windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:
+    for y in window_starts(h, tile, overlap):
+        for x in window_starts(w, tile, overlap):
+            yield y, x
+
+
+@torch.inference_mode()
+def predict_distance(
+    model: torch.nn.Module,
+    image: NDArray[np.uint8],
+    preprocess: Preprocess,
+    tile: int,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+) -> NDArray[np.float32]:
+    """Predicted distance map of an RGB image of any size.
+
+    Args:
+        model: Network in eval mode mapping ``(B, 3, tile, tile)`` to ``(B, 1, tile, tile)``.
+        image: ``(H, W, 3)`` uint8 RGB (already stain-normalized if the model expects it).
+        preprocess: Input standardization of the model.
+        tile: Window size (the model's tile size).
+        overlap: Overlap of neighbouring windows in pixels (default: a quarter tile).
+        batch_size: Windows per forward pass; bounds the network's memory.
+        device: Where the network runs.
+
+    Returns:
+        ``(H, W)`` float32 blended distance map.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    overlap = tile // 4 if overlap is None else overlap
+    h, w = image.shape[:2]
+    # Images smaller than a tile are padded by reflection (constant padding looks like glass).
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    mode = "reflect" if ph < h and pw < w else "symmetric"
+    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else image
+    hh, ww = padded.shape[:2]
+    acc = np.zeros((hh, ww), np.float32)
+    weight_sum = np.zeros((hh, ww), np.float32)
+    weight = blend_weight(tile)
+    positions = list(_windows(hh, ww, tile, overlap))
+    for i in range(0, len(positions), batch_size):
+        chunk = positions[i : i + batch_size]
+        crops = np.stack([padded[y : y + tile, x : x + tile] for y, x in chunk])
+        x_in = preprocess.to_tensor(crops).to(device)
+        out = model(x_in)[:, 0].float().cpu().numpy()  # (b, tile, tile)
+        for (y, x), pred in zip(chunk, out, strict=True):
+            acc[y : y + tile, x : x + tile] += pred * weight
+            weight_sum[y : y + tile, x : x + tile] += weight
+    return (acc / weight_sum)[:h, :w]

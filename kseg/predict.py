@@ -1,0 +1,280 @@
+"""``kseg predict``: segment a user's own images of any size.
+
+For every input image it writes, next to each other in the output folder:
+
+- ``<stem>_labels.tif``: instance labels (16-bit, or 32-bit past 65535 nuclei), 0 = background;
+- ``<stem>_overlay.png``: the image with the nucleus outlines drawn in yellow;
+- ``<stem>_nuclei.csv``: one row per nucleus (id, centroid, area, perimeter, eccentricity, mean
+  hematoxylin optical density from colour deconvolution);
+- ``<stem>.geojson``: one polygon per nucleus, a FeatureCollection QuPath imports as detections.
+
+A bad input (missing, unreadable, not an image) is reported with its name and skipped; the other
+images are still written, and the command exits non-zero at the end if any failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from kseg.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MODEL_FILES = ("config.json", "model.pt", "preprocess.json")
+
+
+@dataclass
+class PredictReport:
+    """What a predict run did."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # input -> reason
+    skipped: list[Path] = field(default_factory=list)  # non-image files in folders
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def iter_inputs(paths: Iterable[Path], report: PredictReport) -> Iterator[Path]:
+    """Expands folders (non-recursive, image suffixes only); files are taken as given."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                    yield child
+                elif child.is_file():
+                    report.skipped.append(child)
+        else:
+            yield path
+
+
+def read_image(path: Path) -> NDArray[np.uint8]:
+    """Reads any common image as ``(H, W, 3)`` uint8 RGB.
+
+    Grayscale is replicated to RGB, alpha is dropped, 16-bit images are scaled to 8 bits
+    (value / 257), float images are clipped to [0, 1] and scaled.
+
+    Raises:
+        ValueError: If the file is missing or is not a readable image (the file is named).
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+
+            arr = tifffile.imread(path)
+        else:
+            import cv2
+
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise ValueError("not a readable image")
+            if arr.ndim == 3:  # OpenCV gives BGR(A)
+                arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]] if arr.shape[2] >= 3 else arr
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read image ({err})") from err
+    return to_rgb8(np.asarray(arr), path)
+
+
+def to_rgb8(arr: NDArray, path: Path | str = "image") -> NDArray[np.uint8]:
+    """Converts a decoded image array to ``(H, W, 3)`` uint8 (see :func:`read_image`)."""
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
+        raise ValueError(f"{path}: unsupported image shape {arr.shape}")
+    if arr.shape[2] in (1, 2):  # gray (+ alpha)
+        arr = np.repeat(arr[..., :1], 3, axis=2)
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.uint16:
+        return np.rint(arr / 257.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.rint(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    raise ValueError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def nucleus_table(labels: NDArray[np.integer], rgb: NDArray[np.uint8]) -> list[dict[str, float]]:
+    """Per-nucleus measurements; hematoxylin is the optical density of colour deconvolution."""
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops_table
+
+    if labels.max() == 0:
+        return []
+    hema = rgb2hed(rgb)[..., 0]
+    props = regionprops_table(
+        labels.astype(np.int32),
+        intensity_image=hema,
+        properties=("label", "centroid", "area", "perimeter", "eccentricity", "intensity_mean"),
+    )
+    names = {
+        "label": "id",
+        "centroid-0": "centroid_y",
+        "centroid-1": "centroid_x",
+        "intensity_mean": "mean_hematoxylin",
+    }
+    n = len(props["label"])
+    return [{names.get(k, k): float(v[i]) for k, v in props.items()} for i in range(n)]
+
+
+def geojson_features(labels: NDArray[np.integer]) -> list[dict]:
+    """One QuPath detection per nucleus: its outer contour as a closed polygon (x, y pixels)."""
+    import cv2
+    from scipy import ndimage as ndi
+
+    features = []
+    for lab, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        crop = np.pad((labels[sl] == lab).astype(np.uint8), 1)
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        contour = max(contours, key=cv2.contourArea)[:, 0, :]  # (n, 2) x, y in the padded crop
+        if len(contour) < 3:  # a 1- or 2-pixel nucleus: use its pixel box
+            x0, y0 = contour.min(0)
+            x1, y1 = contour.max(0) + 1
+            contour = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+        offset = np.array([sl[1].start - 1, sl[0].start - 1])  # crop -> image coords
+        ring = (contour + offset).tolist()
+        ring.append(ring[0])
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Nucleus", "color": [255, 230, 0]},
+                    "kseg_id": lab,
+                },
+            }
+        )
+    return features
+
+
+def write_outputs(
+    out_dir: Path, stem: str, rgb: NDArray[np.uint8], labels: NDArray[np.integer]
+) -> list[Path]:
+    """Writes the four result files of one image atomically; returns their paths."""
+    import tifffile
+    from PIL import Image
+
+    from kseg.plots import overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if labels.max() < 2**16 else np.uint32
+    paths = [
+        out_dir / f"{stem}_labels.tif",
+        out_dir / f"{stem}_overlay.png",
+        out_dir / f"{stem}_nuclei.csv",
+        out_dir / f"{stem}.geojson",
+    ]
+    with atomic_path(paths[0]) as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
+    with atomic_path(paths[1]) as tmp:
+        Image.fromarray(overlay(rgb, labels)).save(tmp, format="PNG")
+    rows = nucleus_table(labels, rgb)
+    buf = io.StringIO()
+    fields = [
+        "id",
+        "centroid_y",
+        "centroid_x",
+        "area",
+        "perimeter",
+        "eccentricity",
+        "mean_hematoxylin",
+    ]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: int(row[k]) if k == "id" else round(row[k], 4) for k in fields})
+    atomic_write_bytes(paths[2], buf.getvalue().encode())
+    collection = {"type": "FeatureCollection", "features": geojson_features(labels)}
+    atomic_write_text(paths[3], json.dumps(collection))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Model resolution and the run
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """A local model folder, or an MLflow URI (``models:/kseg@champion``, ``runs:/...``).
+
+    MLflow URIs are downloaded, then the kseg model folder inside the logged model (the folder
+    holding ``config.json``, ``model.pt`` and ``preprocess.json``) is returned.
+    """
+    path = Path(spec)
+    if "://" not in spec and not spec.startswith(("models:/", "runs:/")):
+        if not path.is_dir():
+            raise ValueError(f"{spec}: model folder not found")
+        return path
+    import mlflow
+
+    from kseg.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=spec, dst_path=str(cache_dir) if cache_dir else None
+            )
+        )
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"{spec}: cannot load from MLflow at {tracking_uri()} ({err})") from err
+    for cand in [local, *sorted(p for p in local.rglob("*") if p.is_dir())]:
+        if all((cand / f).is_file() for f in MODEL_FILES):
+            return cand
+    raise ValueError(f"{spec}: no kseg model folder ({', '.join(MODEL_FILES)}) inside {local}")
+
+
+def predict(
+    inputs: list[Path], model: str, out_dir: Path, device: str = "cpu", progress: bool = True
+) -> PredictReport:
+    """Segments every input image with ``model`` and writes the results into ``out_dir``."""
+    from kseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_folder(resolve_model(model), device=device)
+    report = PredictReport()
+    files = list(iter_inputs(inputs, report))
+    for path in _progress(files, progress):
+        try:
+            rgb = read_image(path)
+            labels, _ = segmenter.segment(rgb)
+            report.written += write_outputs(out_dir, path.stem, rgb, labels)
+        except (ValueError, OSError) as err:
+            msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+            report.failed[str(path)] = msg
+            log.error("%s", msg)
+    return report
+
+
+def _progress(files: list[Path], enabled: bool) -> Iterable[Path]:
+    if not enabled or len(files) < 2:
+        return files
+    from rich.progress import track
+
+    return track(files, description="segmenting", transient=True)

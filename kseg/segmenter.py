@@ -1,0 +1,88 @@
+"""A trained kseg model folder as one object: image in, instance labels out.
+
+The model folder (written by the train stage) holds everything inference needs, so evaluation,
+``kseg predict`` and the MLflow pyfunc model all segment the same way:
+
+- ``model.pt`` + ``config.json``: the network (kseg.model.save_model_folder);
+- ``preprocess.json``: input standardization fitted on the training tiles;
+- ``stain.json`` (optional): the stain normalizer fitted on the training split;
+- ``params.json``: the full parameters, of which ``postprocess`` is used here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from kseg.config import ModelConfig, PostprocessConfig, params_from_dict
+from kseg.infer import Preprocess, predict_distance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segmenter:
+    """Stain normalization -> tiled network inference -> DIST watershed."""
+
+    model: torch.nn.Module
+    model_config: ModelConfig
+    preprocess: Preprocess
+    postprocess: PostprocessConfig
+    stain: Any | None = None  # kseg.stain normalizer with .transform(rgb) -> rgb
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 4
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+        """Loads a model folder written by the train stage.
+
+        Raises:
+            ValueError: If a required file is missing or malformed (the file is named).
+        """
+        from kseg.model import load_model_folder
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: not a model folder (run `kseg train` or give one)")
+        model, model_cfg = load_model_folder(folder)
+        device = torch.device(device)
+        model.to(device).eval()
+        params_path = folder / "params.json"
+        post = PostprocessConfig()
+        if params_path.is_file():
+            post = params_from_dict(json.loads(params_path.read_text())).postprocess
+        stain = None
+        if (folder / "stain.json").is_file():
+            from kseg.stain import load_stain
+
+            stain = load_stain(folder / "stain.json")
+        return cls(model, model_cfg, Preprocess.load(folder), post, stain, device)
+
+    def normalize(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Applies the trained stain normalization (identity when there is none)."""
+        return rgb if self.stain is None else self.stain.transform(rgb)
+
+    def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Predicted distance map of an ``(H, W, 3)`` uint8 image of any size."""
+        return predict_distance(
+            self.model,
+            self.normalize(rgb),
+            self.preprocess,
+            self.model_config.tile_size,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+    def segment(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.int32], NDArray[np.float32]]:
+        """Instance labels (0 = background) and the distance map they came from."""
+        from kseg.postprocess import postprocess_from_config
+
+        dist = self.distance(rgb)
+        return postprocess_from_config(dist, self.postprocess), dist
