@@ -1,0 +1,167 @@
+"""Training stage: MLflow run contents, kill-and-resume equality, NaN stop, DDP with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline_helpers import copy_project, kseg_process, make_prepared_project, run_stage
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared_project(tmp_path_factory.mktemp("tiny") / "project")
+
+
+def _mlflow_env(folder: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "models" / "kseg" / "model.pt", map_location="cpu",
+                      weights_only=True)
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    project = copy_project(prepared, tmp_path / "p")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    run_stage("train", project)
+    summary = json.loads((project / "models" / "kseg" / "train_summary.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2"
+    assert run.data.params["model.nfeat"] == "4"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "aji")) == 2
+    tags = run.data.tags
+    for tag in ("git_commit", "git_dirty", "data_version", "params_hash", "torch_version",
+                "device"):
+        assert tags.get(tag), tag
+    assert tags["device"] == "cpu"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "model_folder", "val_overlays"} <= artifacts
+    folder = {a.path for a in client.list_artifacts(run.info.run_id, "model_folder")}
+    assert "model_folder/config.json" in folder
+    # DVC metrics come from the same numbers as MLflow.
+    metrics = json.loads((project / "metrics" / "train.json").read_text())
+    best = client.get_metric_history(run.info.run_id, "aji")[metrics["best_epoch"] - 1]
+    assert metrics["aji"] == pytest.approx(best.value)
+    # Same params, same data: a second fresh run on CPU gives the same weights.
+    first = _weights(project)
+    shutil.rmtree(project / ".checkpoints")
+    run_stage("train", project, "--fresh")
+    _assert_same_weights(first, _weights(project))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    import kseg.train as train_mod
+    from kseg.config import load_params
+
+    project = copy_project(prepared, tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    real = train_mod.loss_fn
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 3 else loss  # epoch 2 diverges
+
+    monkeypatch.setattr(train_mod, "loss_fn", flaky)
+    with pytest.raises(train_mod.TrainingDiverged, match=r"loss is nan at epoch 2"):
+        train_mod.train(load_params("params.yaml"))
+    (ckpt,) = (project / ".checkpoints").glob("*/checkpoint.pt")
+    assert train_mod.load_checkpoint(ckpt)["epoch"] == 1
+    assert not (project / "models").exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
+    overrides = ["--params", "params.yaml"]
+    straight = copy_project(prepared, tmp_path / "straight")
+    killed = copy_project(prepared, tmp_path / "killed")
+    for folder in (straight, killed):
+        text = (folder / "params.yaml").read_text().replace("epochs: 2", "epochs: 4")
+        (folder / "params.yaml").write_text(text)
+    proc = kseg_process(["train", *overrides], straight, _mlflow_env(straight))
+    assert proc.wait(timeout=600) == 0, proc.stdout.read() if proc.stdout else ""
+
+    proc = kseg_process(["train", *overrides], killed, _mlflow_env(killed))
+    deadline = time.time() + 300
+    ckpts: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list((killed / ".checkpoints").glob("*/checkpoint.pt"))
+        if ckpts:
+            break
+        time.sleep(0.05)
+    assert ckpts, "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models" / "kseg" / "model.pt").exists()
+    proc = kseg_process(["train", *overrides], killed, _mlflow_env(killed))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert re.search(r"resuming from .* after epoch [123]", out), out
+    _assert_same_weights(_weights(straight), _weights(killed))
+
+
+def test_torchrun_two_ranks_gloo(prepared: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    project = copy_project(prepared, tmp_path / "ddp")
+    env = {**os.environ, **_mlflow_env(project), "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "kseg", "train",
+         "--params", "params.yaml"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    digests = dict(re.findall(r"rank (\d) final weights sha256 ([0-9a-f]{64})", proc.stderr))
+    assert set(digests) == {"0", "1"}, proc.stderr
+    assert digests["0"] == digests["1"]
+    runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+         .search_experiments()]
+    )
+    assert len(runs) == 1
+    assert (project / "models" / "kseg" / "model.pt").is_file()
+
+
+def test_logs_to_a_real_mlflow_server(prepared: Path, tmp_path: Path, mlflow_server: str,
+                                      monkeypatch) -> None:
+    import mlflow
+
+    project = copy_project(prepared, tmp_path / "srv")
+    text = (project / "params.yaml").read_text().replace("epochs: 2", "epochs: 1")
+    (project / "params.yaml").write_text(text)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run_stage("train", project)
+    summary = json.loads((project / "models" / "kseg" / "train_summary.json").read_text())
+    assert summary["mlflow_tracking_uri"] == mlflow_server
+    run = mlflow.MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_loss"] > 0
+    assert not (project / "mlflow.db").exists()
