@@ -89,11 +89,25 @@ def window_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def blend_weight(tile: int, floor: float = 1e-3) -> NDArray[np.float32]:
-    """``(tile, tile)`` separable Hann-like weight, 1 in the centre, ``floor`` at the edges."""
+def blend_ramp(tile: int, at_start: bool = False, at_end: bool = False) -> NDArray[np.float32]:
+    """1-D Hann-like weight of a window, 1 in the centre and near 0 at its edges.
+
+    A window edge that lies on the image border has no neighbour to hand over to, so the ramp is
+    flat (1) on that side: pixels there are trusted as much as the window's centre.
+    """
     ramp = np.sin(np.pi * (np.arange(tile) + 0.5) / tile) ** 2
-    w = np.outer(ramp, ramp).astype(np.float32)
-    return np.maximum(w, floor)
+    half = tile // 2
+    if at_start:
+        ramp[:half] = 1.0
+    if at_end:
+        ramp[half:] = 1.0
+    return np.maximum(ramp, 1e-3).astype(np.float32)
+
+
+def blend_weight(tile: int) -> NDArray[np.float32]:
+    """``(tile, tile)`` weight of an interior window (see :func:`blend_ramp`)."""
+    ramp = blend_ramp(tile)
+    return np.outer(ramp, ramp)
 
 
 def _windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:
@@ -137,7 +151,6 @@ def predict_distance(
     hh, ww = padded.shape[:2]
     acc = np.zeros((hh, ww), np.float32)
     weight_sum = np.zeros((hh, ww), np.float32)
-    weight = blend_weight(tile)
     positions = list(_windows(hh, ww, tile, overlap))
     for i in range(0, len(positions), batch_size):
         chunk = positions[i : i + batch_size]
@@ -145,6 +158,9 @@ def predict_distance(
         x_in = preprocess.to_tensor(crops).to(device)
         out = model(x_in)[:, 0].float().cpu().numpy()  # (b, tile, tile)
         for (y, x), pred in zip(chunk, out, strict=True):
+            weight = np.outer(
+                blend_ramp(tile, y == 0, y + tile >= hh), blend_ramp(tile, x == 0, x + tile >= ww)
+            )
             acc[y : y + tile, x : x + tile] += pred * weight
             weight_sum[y : y + tile, x : x + tile] += weight
     return (acc / weight_sum)[:h, :w]

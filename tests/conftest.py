@@ -128,10 +128,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     exe = shutil.which("mlflow", path=str(BIN)) or "mlflow"
     log_file = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

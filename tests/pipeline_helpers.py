@@ -73,8 +73,11 @@ def make_prepared_project(folder: Path, overrides: dict | None = None) -> Path:
 def copy_project(src: Path, dst: Path) -> Path:
     """Copies a prepared project without its training outputs."""
     shutil.copytree(
-        src, dst, ignore=shutil.ignore_patterns("models", ".checkpoints", "metrics", "mlflow.db",
-                                                "mlruns", "reports")
+        src,
+        dst,
+        ignore=shutil.ignore_patterns(
+            "models", ".checkpoints", "metrics", "mlflow.db", "mlruns", "reports"
+        ),
     )
     return dst
 
@@ -83,6 +86,10 @@ def kseg_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.
     """Starts ``kseg ARGS`` as a real process."""
     exe = shutil.which("kseg", path=str(Path(sys.executable).parent)) or "kseg"
     return subprocess.Popen(
-        [exe, *args], cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [exe, *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )

@@ -28,8 +28,9 @@ def _mlflow_env(folder: Path) -> dict[str, str]:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "models" / "kseg" / "model.pt", map_location="cpu",
-                      weights_only=True)
+    return torch.load(
+        folder / "models" / "kseg" / "model.pt", map_location="cpu", weights_only=True
+    )
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -54,8 +55,14 @@ def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch
     assert [m.step for m in history] == [1, 2]
     assert len(client.get_metric_history(run.info.run_id, "aji")) == 2
     tags = run.data.tags
-    for tag in ("git_commit", "git_dirty", "data_version", "params_hash", "torch_version",
-                "device"):
+    for tag in (
+        "git_commit",
+        "git_dirty",
+        "data_version",
+        "params_hash",
+        "torch_version",
+        "device",
+    ):
         assert tags.get(tag), tag
     assert tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -73,8 +80,9 @@ def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch
     _assert_same_weights(first, _weights(project))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared: Path, tmp_path: Path,
-                                                       monkeypatch) -> None:
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    prepared: Path, tmp_path: Path, monkeypatch
+) -> None:
     import kseg.train as train_mod
     from kseg.config import load_params
 
@@ -134,24 +142,40 @@ def test_torchrun_two_ranks_gloo(prepared: Path, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "kseg", "train",
-         "--params", "params.yaml"],
-        cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "kseg",
+            "train",
+            "--params",
+            "params.yaml",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     digests = dict(re.findall(r"rank (\d) final weights sha256 ([0-9a-f]{64})", proc.stderr))
     assert set(digests) == {"0", "1"}, proc.stderr
     assert digests["0"] == digests["1"]
     runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-         .search_experiments()]
+        [
+            e.experiment_id
+            for e in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
+        ]
     )
     assert len(runs) == 1
     assert (project / "models" / "kseg" / "model.pt").is_file()
 
 
-def test_logs_to_a_real_mlflow_server(prepared: Path, tmp_path: Path, mlflow_server: str,
-                                      monkeypatch) -> None:
+def test_logs_to_a_real_mlflow_server(
+    prepared: Path, tmp_path: Path, mlflow_server: str, monkeypatch
+) -> None:
     import mlflow
 
     project = copy_project(prepared, tmp_path / "srv")
