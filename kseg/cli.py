@@ -33,8 +33,11 @@ ParamsOpt = Annotated[
 def _fail(message: str, code: int = 2) -> None:
     """Prints ``message`` to stderr in red and exits with ``code``."""
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # Text() keeps the message literal: config errors contain brackets like "[0, inf]".
+    line = Text("error: ", style="bold red") + Text(message)
+    Console(stderr=True, soft_wrap=True).print(line, highlight=False)
     raise typer.Exit(code)
 
 

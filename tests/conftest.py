@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -94,7 +95,7 @@ def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = 
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited early with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback only)
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -114,10 +115,8 @@ def stop_process(proc: subprocess.Popen) -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
     # Children (uvicorn workers, job runners) share the group started with start_new_session.
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @pytest.fixture(scope="session")
