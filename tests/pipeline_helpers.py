@@ -93,3 +93,22 @@ def kseg_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def make_model_folder(folder: Path, tile_size: int = 64, seed: int = 0) -> Path:
+    """An untrained but real, tiny kseg model folder (weights, config, preprocess, params)."""
+    import torch
+
+    from kseg.config import Params, params_from_dict, save_config
+    from kseg.infer import Preprocess
+    from kseg.model import build_model, save_model_folder
+
+    params: Params = params_from_dict(
+        {"model": {"nfeat": 4, "mid_channels": 8, "tile_size": tile_size}}
+    )
+    torch.manual_seed(seed)
+    model = build_model(params.model).eval()
+    save_model_folder(model, params.model, folder)
+    Preprocess().save(folder)
+    save_config(params, folder / "params.json")
+    return folder
