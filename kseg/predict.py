@@ -178,8 +178,8 @@ def write_outputs(
     out_dir: Path, stem: str, rgb: NDArray[np.uint8], labels: NDArray[np.integer]
 ) -> list[Path]:
     """Writes the four result files of one image atomically; returns their paths."""
+    import cv2
     import tifffile
-    from PIL import Image
 
     from kseg.plots import overlay
 
@@ -194,7 +194,8 @@ def write_outputs(
     with atomic_path(paths[0]) as tmp:
         tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
     with atomic_path(paths[1]) as tmp:
-        Image.fromarray(overlay(rgb, labels)).save(tmp, format="PNG")
+        # OpenCV's PNG writer at low compression is ~10x faster than PIL's default here.
+        cv2.imwrite(str(tmp), overlay(rgb, labels)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
     rows = nucleus_table(labels, rgb)
     buf = io.StringIO()
     fields = [
