@@ -87,9 +87,146 @@ def show_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 # --- data commands ---
 
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Convert data/ into canonical tiles, labels, distance targets, manifest and patient split."""
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.data.prepare import prepare as run_prepare
+
+    try:
+        summary = run_prepare(cfg)
+    except (OSError, ValueError) as err:
+        _fail(f"prepare failed: {err}")
+    tiles = summary["tiles"]
+    typer.echo(
+        f"{summary['n_tiles']} tiles, {summary['n_patients']} patients, {summary['n_nuclei']} "
+        f"nuclei -> {cfg.prepare.out_dir}/ (train {tiles['train']}, val {tiles['val']}, "
+        f"test {tiles['test']} tiles)"
+    )
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check the prepared manifest and split with Great Expectations; fail naming the tiles."""
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.validate import ValidationFailed
+    from kseg.validate import validate as run_validate
+
+    try:
+        summary = run_validate(cfg)
+    except ValidationFailed as err:
+        _fail(str(err), code=1)
+    except (OSError, ValueError) as err:
+        _fail(f"validate failed: {err}")
+    typer.echo(
+        f"data validation passed: {summary['n_expectations']} expectations, "
+        f"{summary['n_tiles']} tiles (report: {cfg.validate.report})"
+    )
+
+
 # --- stain commands ---
 
+
+@app.command()
+def normalize(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Fit stain normalization on the training split; write normalized tiles, stain.json, report."""
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.normalize import run_normalize
+
+    try:
+        m = run_normalize(cfg)
+    except (OSError, ValueError) as err:
+        _fail(f"normalize failed, {cfg.stain.out_dir}/ left unchanged: {err}")
+    typer.echo(
+        f"{m['n_tiles']} tiles normalized ({m['method']}) into {cfg.stain.out_dir}/; "
+        f"{m['n_passed_through']} passed through unchanged; per-patient stain spread H "
+        f"{m['spread_h_deg_before']:.2f} -> {m['spread_h_deg_after']:.2f} deg, E "
+        f"{m['spread_e_deg_before']:.2f} -> {m['spread_e_deg_after']:.2f} deg"
+    )
+
+
 # --- model commands ---
+
+
+@app.command("model-info")
+def model_info_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    arch: Annotated[
+        str | None, typer.Option(help="kidney_segnet or unet (default: params)")
+    ] = None,
+    nfeat: Annotated[int | None, typer.Option(help="first-level width (default: params)")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="tile edge (default: params)")] = None,
+    original: Annotated[bool, typer.Option(help="original-compatible config (fixes off)")] = False,
+) -> None:
+    """Print parameters (total / used in forward) and multiply-accumulates per tile."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kseg.model.config import ModelConfig
+
+    base = _load(params).model if params.is_file() else ModelConfig()
+    if original:
+        base = ModelConfig.original_compatible(base.nfeat, base.mid_channels)
+    changes = {k: v for k, v in (("arch", arch), ("nfeat", nfeat), ("tile_size", tile_size)) if v}
+    try:
+        cfg = base.with_(**changes)
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
+    from kseg.model import model_info
+
+    info = model_info(cfg)
+    table = Table(title=f"{cfg.arch}, nfeat={cfg.nfeat}, tile {info['tile_size']}")
+    for col in ("params total", "params used", "GMACs / tile", "GMACs Conv2d only"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{info['params_total']:,}",
+        f"{info['params_used']:,}",
+        f"{info['macs'] / 1e9:.3f}",
+        f"{info['macs_conv2d'] / 1e9:.3f}",
+    )
+    Console().print(table)
+
+
+@app.command("convert-original")
+def convert_original_cmd(
+    src: Annotated[Path, typer.Argument(help="original checkpoint (.pt)", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="kseg model folder to write")],
+) -> None:
+    """Convert an original Kidney-SegNet checkpoint into a kseg model folder."""
+    from kseg.model import convert_original
+
+    try:
+        folder = convert_original(src, out)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"model folder written to {folder}/")
+
+
+@app.command()
+def register(
+    params: ParamsOpt = Path("params.yaml"),
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (default: train.out_dir).")
+    ] = None,
+    metrics: Annotated[
+        Path, typer.Option(help="Test metrics of that model.", dir_okay=False)
+    ] = Path("metrics/eval.json"),
+) -> None:
+    """Register the model in MLflow; move the champion alias only if it beats the champion."""
+    cfg = _load(params)
+    _setup_logging()
+    from kseg.registry import register as run_register
+
+    try:
+        report = run_register(cfg, model, metrics)
+    except (OSError, ValueError) as err:
+        _fail(f"register failed, aliases unchanged: {err}")
+    typer.echo(f"{report['model_uri']}: {report['decision']} ({report['reason']})")
+
 
 # --- pipeline commands ---
 

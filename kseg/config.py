@@ -56,49 +56,101 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the raw dataset comes from and where it is written."""
+    """Where the raw dataset comes from and where it is written (see docs/data.md)."""
 
     source: Literal["synthetic", "tnbc", "kidney", "folder"] = _f("synthetic")
     url: str | None = _f(None, help="override the download URL (http(s)://, file:// or a path)")
     sha256: str | None = _f(None, help="override the expected sha256 of the archive")
     path: str | None = _f(None, help="local archive or folder (kidney, folder sources)")
     dir: str = _f("data", help="folder the raw dataset is written to")
+    retries: int = _f(3, min=0, max=20, help="extra download attempts on transient errors")
+    timeout_s: float = _f(60.0, min=1.0, max=3600.0, help="socket timeout per download attempt")
     synthetic: SyntheticConfig = _f(SyntheticConfig())
+
+    def validate(self) -> None:
+        """A checksum override must be a full sha256 (64 hex digits)."""
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)
+        ):
+            raise ValueError(f"sha256: {self.sha256!r} is not a sha256 (64 hex digits)")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Canonical tiles, labels and distance targets."""
+    """Canonical tiles, labels and distance targets, and the per-tile manifest."""
 
     out_dir: str = _f("prepared")
+    tissue_od: float = _f(
+        0.15, min=0.0, max=3.0, help="a pixel is tissue when its largest channel OD exceeds this"
+    )
+    near_blank_tissue: float = _f(
+        0.05, min=0.0, max=1.0, help="a tile with a smaller tissue fraction is flagged near-blank"
+    )
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Patient-level train / validation / test split."""
+    """Patient-level train / validation / test split (no patient in two splits)."""
 
     test_patients: tuple[str, ...] = _f(
-        (), help="patients held out for testing; empty = drawn with the seed"
+        (),
+        help="patients held out for testing; empty = the source's default "
+        "(tnbc: split.tnbc_test_patients; others: drawn with split.seed)",
     )
-    test_fraction: float = _f(0.2, min=0.0, max=0.9)
-    val_fraction: float = _f(0.2, min=0.0, max=0.9)
+    tnbc_test_patients: tuple[str, ...] = _f(
+        ("02", "06", "10"), help="fixed TNBC test patients (docs/data.md says why these)"
+    )
+    test_fraction: float = _f(0.2, min=0.0, max=0.9, help="share of tiles when drawn")
+    val_fraction: float = _f(0.2, min=0.0, max=0.9, help="share of tiles, from training patients")
     seed: int = _f(0, min=0)
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    """Great Expectations checks on the prepared manifest and split."""
+    """Great Expectations checks on the prepared manifest and split (see docs/data.md)."""
 
     min_tiles_per_split: int = _f(1, min=0)
+    min_tile_size: int = _f(64, min=1, help="smallest tile height/width accepted")
+    min_tissue_fraction: float = _f(0.05, min=0.0, max=1.0)
+    mean_nucleus_area: tuple[float, float] = _f(
+        (10.0, 5000.0), help="plausible mean nucleus area per tile, in pixels"
+    )
+    od_mean: tuple[float, float] = _f(
+        (0.05, 2.0), help="plausible mean optical density of tissue pixels (H&E)"
+    )
+    rgb_mean: tuple[float, float] = _f((30.0, 245.0), help="plausible mean of each RGB channel")
     report: str = _f("reports/validation.html")
+    metrics: str = _f("metrics/validation.json")
 
 
 @dataclass(frozen=True)
 class StainConfig:
     """Stain normalization, fitted on the training split only."""
 
-    method: Literal["none", "reinhard", "macenko"] = _f("none")
+    method: Literal["none", "reinhard", "macenko"] = _f("none", help="none = the original's")
+    reference: str = _f("pooled", help="'pooled' (pixels of every training tile) or a tile id")
+    max_pixels_per_tile: int = _f(65536, min=256, help="pooled fit: pixels sampled per tile")
+    io: float = _f(240.0, min=1.0, max=255.0, help="Macenko: transmitted light intensity")
+    alpha: float = _f(1.0, min=0.0, max=25.0, help="Macenko: percentile of extreme angles")
+    beta: float = _f(0.15, min=0.0, max=3.0, help="optical density below which it is glass")
+    stained_pixels: Literal["any_channel", "all_channels"] = _f(
+        "any_channel",
+        help="Macenko statistics use pixels with OD >= beta in any channel (keeps pale eosin) or "
+        "in all channels (torchstain's rule)",
+    )
+    min_tissue_fraction: float = _f(
+        0.05, min=0.0, max=1.0, help="tiles with less tissue pass through unchanged"
+    )
+    min_stain_angle: float = _f(
+        10.0, min=0.0, max=90.0, help="Macenko: H and E closer (degrees) = one stain, pass through"
+    )
+    report_tiles: int = _f(4, min=0, max=32, help="patients shown before/after in report.png")
     out_dir: str = _f("normalized")
+
+    def validate(self) -> None:
+        """A tile id reference cannot be empty."""
+        if not self.reference.strip():
+            raise ValueError("reference: give 'pooled' or a training tile id")
 
 
 @dataclass(frozen=True)
@@ -107,6 +159,28 @@ class AugmentConfig:
 
     flips: bool = _f(True, help="horizontal and vertical flips (the original's)")
     rotate90: bool = _f(True, help="random multiples of 90 degrees (the original's)")
+    affine_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a random affine warp")
+    affine_scale: tuple[float, float] = _f((0.9, 1.1), min=0.25, max=4.0)
+    affine_rotate: float = _f(15.0, min=0.0, max=180.0, help="max rotation, degrees")
+    affine_shear: float = _f(5.0, min=0.0, max=45.0, help="max shear, degrees")
+    elastic_p: float = _f(0.0, min=0.0, max=1.0, help="probability of an elastic warp")
+    elastic_alpha: float = _f(30.0, min=0.0, max=1000.0, help="displacement scale, pixels")
+    elastic_sigma: float = _f(6.0, min=0.5, max=100.0, help="displacement smoothness, pixels")
+    blur_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a Gaussian blur")
+    blur_sigma: tuple[float, float] = _f((0.3, 1.2), min=0.05, max=10.0)
+    brightness_contrast_p: float = _f(0.2, min=0.0, max=1.0)
+    brightness: float = _f(0.1, min=0.0, max=1.0, help="max brightness change (fraction)")
+    contrast: float = _f(0.1, min=0.0, max=1.0, help="max contrast change (fraction)")
+    hed_p: float = _f(0.5, min=0.0, max=1.0, help="probability of stain jitter in HED space")
+    hed_sigma: float = _f(0.05, min=0.0, max=1.0, help="H, E, D scaled by U(1-s, 1+s)")
+    hed_bias: float = _f(0.02, min=0.0, max=1.0, help="H, E, D shifted by U(-b, b), OD units")
+
+    def validate(self) -> None:
+        """Ranges are (low, high) pairs."""
+        for name in ("affine_scale", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: low {lo} is above high {hi}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +213,46 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    """MLflow Model Registry: register every evaluated model, promote it only if it is better."""
+
+    model_name: str = _f("kseg", help="registered model name")
+    metric: Literal["aji", "pq", "dq", "sq", "object_f1", "pixel_f1", "pixel_iou", "dice"] = _f(
+        "aji", help="test metric (metrics/eval.json) that decides; all are higher-is-better"
+    )
+    min_delta: float = _f(
+        0.0, min=0.0, max=1.0, help="the candidate must beat the champion by more than this"
+    )
+    alias: str = _f("champion", help="alias of the best model (models:/<name>@<alias>)")
+    challenger_alias: str | None = _f(
+        "challenger", help="alias set on a version that lost the gate; null = none"
+    )
+    on_split_mismatch: Literal["reevaluate", "refuse"] = _f(
+        "reevaluate",
+        help="champion scored on another test split: score it again here, or stop with an error",
+    )
+
+    def validate(self) -> None:
+        """A model name, alias names MLflow accepts, and two different aliases."""
+        import re
+
+        if not self.model_name.strip() or "/" in self.model_name or "@" in self.model_name:
+            raise ValueError(f"model_name: {self.model_name!r} must be non-empty, without / or @")
+        for key, name in (("alias", self.alias), ("challenger_alias", self.challenger_alias)):
+            if name is None:
+                continue
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", name) or re.fullmatch(
+                r"(latest|[vV]\d+)", name
+            ):
+                raise ValueError(
+                    f"{key}: {name!r} is not a valid MLflow alias (letters, digits, _ and -; "
+                    "not 'latest' or v<number>)"
+                )
+        if self.alias == self.challenger_alias:
+            raise ValueError(f"alias and challenger_alias are both {self.alias!r}")
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     """DIST dynamic watershed (Naylor et al. 2018) turning a distance map into instances."""
 
@@ -160,6 +274,7 @@ class Params:
     augment: AugmentConfig = _f(AugmentConfig())
     model: ModelConfig = _f(ModelConfig())
     train: TrainConfig = _f(TrainConfig())
+    register: RegisterConfig = _f(RegisterConfig())
     postprocess: PostprocessConfig = _f(PostprocessConfig())
 
 

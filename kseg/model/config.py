@@ -1,19 +1,116 @@
 """Model configuration (the ``model`` block of ``params.yaml``).
 
 Kept free of torch imports so that reading ``params.yaml`` stays fast.
+
+Two presets matter:
+
+* :meth:`ModelConfig.original_compatible` reproduces the original Kidney-SegNet (``dist_dice``)
+  exactly: original checkpoints load into it and give the same outputs. Every ``fix_*`` option is
+  off there.
+* The kseg default (``ModelConfig()``) switches the fixes on, because each one either removes dead
+  weights, lets deep features reach the decoder, or lets the network run on any tile size (the
+  original crashes on anything but 512x512); and it uses nfeat=16 / mid_channels=128 on 256x256
+  tiles because this project trains on 2 CPU cores, where the nfeat=32 / 512 network costs about
+  8x more per step for the same number of pixels seen (see docs/model.md for the numbers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and width of the segmentation network."""
+    """Architecture, width and the named fixes of the segmentation network.
 
-    arch: Literal["kidney_segnet", "unet"] = "kidney_segnet"
-    nfeat: int = field(default=32, metadata={"min": 1, "max": 512})
-    mid_channels: int = field(default=256, metadata={"min": 1, "max": 4096})
-    tile_size: int = field(default=512, metadata={"min": 16, "max": 4096})
+    Attributes:
+        arch: ``kidney_segnet`` (DiCE encoder/decoder + DiCE pyramid pooling + attention gates)
+            or ``unet`` (a plain U-Net of the same widths with the same head, for comparison).
+        nfeat: Width of the first level; levels have nfeat, 2, 4, 8 x nfeat channels.
+        mid_channels: Width of each DiCE pyramid-pooling branch.
+        tile_size: Tile edge the DiCE blocks are built for. Their height- and width-wise
+            kernels have one 3x3 kernel per row / column, so the parameter shapes depend on it.
+        aspp_rates: Dilation rates of the dilated DiCE pyramid-pooling branches.
+        dice_impl: ``fast`` (transpose-free, used for training and inference) or ``reference``
+            (a line-by-line port of the original, slow; kept for tests and benchmarks).
+        fix_decoder_concat_upsampled: Each decoder level also concatenates the learned x2
+            upsampling of the deeper feature (the original builds ``upconv1..3`` but never uses
+            them, so deep features reach the decoder only through a 1-channel attention map).
+        fix_aspp_adaptive_pool: The pyramid's image-pooling branch pools globally with an
+            adaptive pool and is broadcast back to the actual input size (the original uses
+            ``AvgPool2d(64)`` and upsamples to a fixed 64x64, so only 512x512 tiles work).
+        fix_drop_unused_upconv: Do not build the unused ``upconv1..3`` (387k dead parameters at
+            nfeat=32). Ignored when ``fix_decoder_concat_upsampled`` uses them.
+    """
+
+    arch: Literal["kidney_segnet", "unet"] = field(
+        default="kidney_segnet", metadata={"help": "kidney_segnet or the unet baseline"}
+    )
+    nfeat: int = field(default=16, metadata={"min": 1, "max": 512})
+    mid_channels: int = field(default=128, metadata={"min": 1, "max": 4096})
+    tile_size: int = field(default=256, metadata={"min": 16, "max": 4096})
+    aspp_rates: tuple[int, ...] = field(
+        default=(4, 6, 8), metadata={"help": "dilation of the dilated DiCE pyramid branches"}
+    )
+    dice_impl: Literal["fast", "reference"] = field(
+        default="fast", metadata={"help": "fast (default) or the slow line-by-line reference"}
+    )
+    fix_decoder_concat_upsampled: bool = field(
+        default=True, metadata={"help": "decoder also gets the upsampled deeper features"}
+    )
+    fix_aspp_adaptive_pool: bool = field(
+        default=True, metadata={"help": "pyramid image pooling works at any input size"}
+    )
+    fix_drop_unused_upconv: bool = field(
+        default=True, metadata={"help": "do not build upconv1..3 when they are unused"}
+    )
+
+    def validate(self) -> None:
+        """Cross-field rules: the tile must survive three 2x poolings.
+
+        Raises:
+            ValueError: If ``tile_size`` is not a multiple of 8, a rate is < 1, no rate is
+                given, or nfeat < 4 for kidney_segnet.
+        """
+        if self.tile_size % 8:
+            raise ValueError(
+                f"model.tile_size={self.tile_size}: must be a multiple of 8 (three 2x poolings)"
+            )
+        if not self.aspp_rates or min(self.aspp_rates) < 1:
+            raise ValueError(f"model.aspp_rates={self.aspp_rates}: need one or more rates >= 1")
+        if self.arch == "kidney_segnet" and self.nfeat < 4:
+            # The DiCE gate squeezes C -> C // 4; nfeat < 4 would give a zero-width layer.
+            raise ValueError(f"model.nfeat={self.nfeat}: kidney_segnet needs nfeat >= 4")
+
+    @classmethod
+    def original_compatible(
+        cls, nfeat: int = 32, mid_channels: int = 256, dice_impl: str = "fast"
+    ) -> ModelConfig:
+        """The configuration that reproduces the original ``dist_dice`` network exactly.
+
+        Args:
+            nfeat: Width of the first level (the paper uses 32).
+            mid_channels: Width of each pyramid branch (the paper uses 256).
+            dice_impl: ``fast`` or ``reference``; both compute the same function.
+
+        Returns:
+            A config with 512x512 tiles, rates (4, 6, 8) and every ``fix_*`` off.
+        """
+        return cls(
+            arch="kidney_segnet",
+            nfeat=nfeat,
+            mid_channels=mid_channels,
+            tile_size=512,
+            aspp_rates=(4, 6, 8),
+            dice_impl=dice_impl,  # type: ignore[arg-type]
+            fix_decoder_concat_upsampled=False,
+            fix_aspp_adaptive_pool=False,
+            fix_drop_unused_upconv=False,
+        )
+
+    def with_(self, **changes: object) -> ModelConfig:
+        """Returns a copy with ``changes`` applied (validated)."""
+        new = replace(self, **changes)  # type: ignore[arg-type]
+        new.validate()
+        return new

@@ -1,0 +1,169 @@
+"""Forward and forward+backward time of KidneySegNet (fast vs reference DiCE) and the U-Net.
+
+Run: ``.venv/bin/python benchmarks/model.py [--quick] [--no-tune-allocator]``.
+
+Every row is measured in this run; ratios are against the reference path of the same size.
+``infer`` = one tile, eval mode, no grad; ``train`` = forward+backward, batch 2, train mode.
+The fast path is run with the glibc allocator tuning of ``kseg.model.tune_cpu_allocator``
+(the way kseg trains) unless ``--no-tune-allocator``; the reference path always runs in a child
+process with the default allocator too (``ref*``), the way the original code runs.
+GPU columns (fp32, AMP, channels_last) are added when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up (oneDNN primitive creation)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(
+    arch: str,
+    impl: str,
+    nfeat: int,
+    tile: int,
+    reps: int,
+    device: str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    import torch
+
+    from kseg.model import build_model
+    from kseg.model.config import ModelConfig
+
+    cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat, dice_impl=impl)
+    cfg = cfg.with_(arch=arch, tile_size=tile, fix_aspp_adaptive_pool=True)
+    model = build_model(cfg).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x1 = torch.randn(1, 3, tile, tile, device=device).to(memory_format=fmt)
+    x2 = torch.randn(2, 3, tile, tile, device=device).to(memory_format=fmt)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), torch.autocast(device, enabled=amp):
+            model(x1)
+        sync()
+
+    def train():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, enabled=amp):
+            out = model(x2)
+        out.float().mean().backward()
+        sync()
+
+    return {"infer": _time(infer, reps), "train": _time(train, reps)}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.tune:
+        from kseg.model import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    res = measure(args.arch, args.impl, args.nfeat, args.tile, args.reps)
+    print(json.dumps(res))
+
+
+def run_child(arch: str, impl: str, nfeat: int, tile: int, reps: int, tune: bool) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--arch",
+        arch,
+        "--impl",
+        impl,
+        "--nfeat",
+        str(nfeat),
+        "--tile",
+        str(tile),
+        "--reps",
+        str(reps),
+    ]
+    cmd += ["--tune"] if tune else []
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="256 tiles, nfeat 8 and 32, 1 rep")
+    ap.add_argument("--no-tune-allocator", dest="tune_fast", action="store_false")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="kidney_segnet", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="fast", help=argparse.SUPPRESS)
+    ap.add_argument("--nfeat", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--tile", type=int, default=512, help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default=None, help="comma list of tile:nfeat, e.g. 512:32")
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.sizes:
+        grid = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]
+    elif args.quick:
+        grid = [(256, 8), (256, 32)]
+    else:
+        grid = [(t, n) for t in (256, 512) for n in (8, 16, 32)]
+    reps = 1 if args.quick else 2
+    print(
+        "tile nfeat | path                 | infer 1 tile (s) | train b=2 fwd+bwd (s) "
+        "| x vs ref (infer, train) | x vs ref* (infer, train)"
+    )
+    for tile, nfeat in grid:
+        rows = {
+            "ref* (default malloc)": run_child(
+                "kidney_segnet", "reference", nfeat, tile, reps, False
+            ),
+            "ref (tuned malloc)": run_child("kidney_segnet", "reference", nfeat, tile, reps, True),
+            "fast": run_child("kidney_segnet", "fast", nfeat, tile, reps, args.tune_fast),
+            "unet": run_child("unet", "fast", nfeat, tile, reps, args.tune_fast),
+        }
+        ref, ref0 = rows["ref (tuned malloc)"], rows["ref* (default malloc)"]
+        for name, r in rows.items():
+            print(
+                f"{tile:4d} {nfeat:5d} | {name:20s} | {r['infer']:16.3f} | {r['train']:21.3f} "
+                f"| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x        "
+                f"| {ref0['infer'] / r['infer']:6.1f}x {ref0['train'] / r['train']:6.1f}x"
+            )
+        sys.stdout.flush()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            print("\nGPU (fast path): fp32 / AMP / AMP+channels_last, seconds")
+            for tile, nfeat in grid:
+                cols = [
+                    measure("kidney_segnet", "fast", nfeat, tile, 5, "cuda", amp, cl)
+                    for amp, cl in ((False, False), (True, False), (True, True))
+                ]
+                print(
+                    f"{tile:4d} {nfeat:5d} | "
+                    + " | ".join(f"infer {c['infer']:.4f} train {c['train']:.4f}" for c in cols)
+                )
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

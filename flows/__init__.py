@@ -1,0 +1,1 @@
+"""Prefect orchestration of the kseg pipeline. ``kseg`` itself imports nothing from here."""

@@ -1,0 +1,264 @@
+"""The ``retrain`` Prefect flow: one task per DVC stage, DVC decides what runs.
+
+Each task runs ``dvc repro --single-item <stage>`` in the project folder, in the order of the
+stage graph declared in ``dvc.yaml``, so ``dvc.lock`` stays the record of what was built from what
+and a stage whose deps and params did not change is skipped by DVC (the task reports
+``ran: False``). The per-run knobs (data source, URL, checksum, epochs, device) are written into
+``params.yaml`` first, as DVC params, after validation through :mod:`kseg.config`; there is no
+second configuration system. Run it with ``python -m flows.retrain`` or through the deployment in
+``prefect.yaml`` (see docs/orchestration.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from kseg.config import ConfigError, DataConfig, TrainConfig, load_params, params_from_dict
+from kseg.fsutil import atomic_write_text
+
+# The same choices as params.yaml's schema, so the Prefect UI shows them as drop-downs.
+Source = get_type_hints(DataConfig)["source"]
+Device = get_type_hints(TrainConfig)["device"]
+
+FETCH_RETRIES = 3  # downloads fail transiently (mirrors, proxies); waits of 2, 4, 8 s
+FETCH_BACKOFF_S = 2.0
+OUTPUT_TAIL_LINES = 40
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message holds the tail of its output."""
+
+
+def _paths(entries: list[Any] | None) -> list[str]:
+    """Paths of a dvc.yaml deps/outs/metrics/plots list (items are a str or ``{path: opts}``)."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def stage_order(project: Path) -> list[str]:
+    """Stage names of ``dvc.yaml`` in dependency order (file order among independent stages).
+
+    A stage follows every stage that writes one of its deps (or a folder holding it, or a file
+    inside it), so a stage added to dvc.yaml later is picked up without touching this flow.
+    """
+    stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    outs = {
+        name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))
+        for name, s in stages.items()
+    }
+    needs = {
+        name: {
+            other
+            for dep in _paths(s.get("deps"))
+            for other, paths in outs.items()
+            if other != name and any(_inside(dep, o) or _inside(o, dep) for o in paths)
+        }
+        for name, s in stages.items()
+    }
+    order: list[str] = []
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+        if not ready:
+            raise ValueError(
+                f"dvc.yaml: the stages {sorted(set(stages) - set(order))} form a cycle"
+            )
+        order.append(ready[0])
+    return order
+
+
+def set_params(path: Path, updates: dict[str, Any]) -> bool:
+    """Sets dotted keys in ``params.yaml``, keeping its comments; validates before writing.
+
+    Args:
+        path: The params file.
+        updates: ``{"train.epochs": 5, ...}``; the values are YAML scalars.
+
+    Returns:
+        Whether the file changed.
+
+    Raises:
+        kseg.config.ConfigError: naming the key, when the result is not valid; the file is then
+            left untouched.
+    """
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip mode: comments, key order and quoting survive
+    # ruamel writes None as an empty value; keep the file's explicit `null`s.
+    rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    data = rt.load(path.read_text(encoding="utf-8")) or {}
+    changed = False
+    for key, value in updates.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if leaf not in node or node[leaf] != value:
+            node[leaf] = value
+            changed = True
+    if changed:
+        try:
+            params_from_dict(json.loads(json.dumps(data)))  # plain dicts and lists
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+        buf = io.StringIO()
+        rt.dump(data, buf)
+        atomic_write_text(path, buf.getvalue())
+    return changed
+
+
+def _dvc_env() -> dict[str, str]:
+    # `dvc` and the stage commands (`kseg ...`) live next to this interpreter, activated or not.
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(project: str, stage: str) -> dict[str, Any]:
+    """``dvc repro --single-item STAGE``; returns ``{"stage", "ran", "status", "seconds"}``."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        cwd=project,
+        env=_dvc_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = round(time.perf_counter() - start, 2)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        message = f"stage '{stage}' failed (dvc exit {proc.returncode}):\n" + "\n".join(
+            out.splitlines()[-OUTPUT_TAIL_LINES:]
+        )
+        if stage == "validate":  # the failing expectations are in the output; the rest is here
+            report = Path(project, load_params(Path(project, "params.yaml")).validate.report)
+            message += f"\nvalidation report: {report.resolve().as_uri()}"
+        logger.error("%s", message)
+        raise StageFailed(message)
+    if f"Running stage '{stage}'" in out:
+        status = "ran"
+    elif "is cached - skipping run" in out:
+        status = "restored"  # DVC's run cache had outputs for these exact deps and params
+    else:
+        status = "skipped"
+    logger.info("stage '%s': %s in %.1f s", stage, status, seconds)
+    return {"stage": stage, "ran": status == "ran", "status": status, "seconds": seconds}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _table(data: dict[str, Any] | None, missing: str) -> str:
+    if not data:
+        return f"_{missing}_\n"
+    rows = [
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in data.items()
+        if isinstance(v, int | float | str | bool) or v is None
+    ]
+    return "| key | value |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def render_report(project: Path, results: list[dict[str, Any]]) -> str:
+    """Markdown summary: stages, test metrics, MLflow run, registry decision (missing = noted)."""
+    lines = ["# kseg retrain\n", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results]
+    summary = _read_json(project / "models/kseg/train_summary.json") or {}
+    run = {k: summary.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri", "best_epoch")}
+    return "\n".join(
+        [
+            *lines,
+            "\n## Test metrics (metrics/eval.json)\n",
+            _table(_read_json(project / "metrics/eval.json"), "no metrics/eval.json yet"),
+            "## MLflow run (models/kseg/train_summary.json)\n",
+            _table(run if summary else None, "no trained model yet"),
+            "## Registry decision (metrics/register.json)\n",
+            _table(_read_json(project / "metrics/register.json"), "no registry decision yet"),
+        ]
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def publish_report(project: str, results: list[dict[str, Any]]) -> str:
+    """Creates the ``kseg-retrain`` Markdown artifact; returns its text."""
+    markdown = render_report(Path(project), results)
+    create_markdown_artifact(markdown, key="kseg-retrain", description="kseg retraining summary")
+    return markdown
+
+
+@flow(name="retrain")
+def retrain(
+    source: Source | None = None,
+    url: str | None = None,
+    sha256: str | None = None,
+    epochs: int | None = None,
+    device: Device | None = None,
+    stages: list[str] | None = None,
+    project_dir: str = ".",
+) -> dict[str, Any]:
+    """Re-runs the kseg pipeline through DVC and publishes a summary artifact.
+
+    Args:
+        source: ``data.source``; None keeps params.yaml's value (same for every knob below).
+        url: ``data.url``, a download URL, ``file://`` URL or local path.
+        sha256: ``data.sha256``, the expected archive checksum.
+        epochs: ``train.epochs``.
+        device: ``train.device``.
+        stages: Run only these stages (in pipeline order); None runs every stage of dvc.yaml.
+        project_dir: The project folder (holds dvc.yaml, params.yaml, dvc.lock).
+
+    Returns:
+        ``{"stages": [per-stage results], "params_changed": bool, "report": markdown}``.
+    """
+    project = Path(project_dir).resolve()
+    knobs = {
+        "data.source": source,
+        "data.url": url,
+        "data.sha256": sha256,
+        "train.epochs": epochs,
+        "train.device": device,
+    }
+    changed = set_params(project / "params.yaml", {k: v for k, v in knobs.items() if v is not None})
+    order = stage_order(project)
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:
+        raise ValueError(f"stages {unknown} are not in {project / 'dvc.yaml'}; it has {order}")
+    results = []
+    for stage in order:
+        if stages is not None and stage not in stages:
+            continue
+        runner = run_stage
+        if stage == "fetch":
+            runner = run_stage.with_options(
+                retries=FETCH_RETRIES, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S)
+            )
+        results.append(runner(str(project), stage))
+    report = publish_report(str(project), results)
+    return {"stages": results, "params_changed": changed, "report": report}
+
+
+if __name__ == "__main__":
+    retrain()

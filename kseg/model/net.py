@@ -1,0 +1,120 @@
+"""``KidneySegNet``: the full network (Aatresh et al., CMIG 93 (2021) 101975), original wiring.
+
+Four resolution levels of nfeat, 2, 4, 8 x nfeat channels. Every encoder/decoder conv is a DiCE
+block followed by an *external* BatchNorm + ReLU (double normalisation, as in the original).
+The bottleneck feeds the DiCE pyramid pooling; each decoder level takes
+``cat[attention-gated skip, raw skip]`` (plus, with ``fix_decoder_concat_upsampled``, the learned
+x2 upsampling of the deeper feature). Head: 1x1 conv -> ReLU, a non-negative distance map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
+from kseg.model.config import ModelConfig
+from kseg.model.dice import DiCE
+
+
+class KidneySegNet(nn.Module):
+    """Kidney-SegNet (``dist_dice``) with the named fixes of :class:`ModelConfig`.
+
+    Args:
+        cfg: Model configuration; ``ModelConfig.original_compatible()`` is the original network.
+        in_channels: Input channels (RGB).
+
+    Attributes names (``conv1a``, ``bn1a``, ..., ``aspp``, ``att1..3``, ``seg_map_conv``) are the
+    original's, so its checkpoints load with the identity key mapping.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int = 3) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, t, impl = cfg.nfeat, cfg.tile_size, cfg.dice_impl
+        widths = (n, 2 * n, 4 * n, 8 * n)
+        sizes = (t, t // 2, t // 4, t // 8)
+        self.concat_up = cfg.fix_decoder_concat_upsampled
+
+        def dice(name: str, c_in: int, c_out: int, size: int) -> None:
+            self.add_module(f"conv{name}", DiCE(c_in, c_out, size, size, impl=impl))
+            self.add_module(f"bn{name}", nn.BatchNorm2d(c_out))
+
+        # Encoder. conv1a is a plain 3x3 conv (bias) + BN + ReLU.
+        self.conv1a = nn.Conv2d(in_channels, n, 3, padding=1)
+        self.bn1a = nn.BatchNorm2d(n)
+        dice("1b", n, n, sizes[0])
+        dice("2a", n, widths[1], sizes[1])
+        dice("2b", widths[1], widths[1], sizes[1])
+        dice("3a", widths[1], widths[2], sizes[2])
+        dice("3b", widths[2], widths[2], sizes[2])
+        dice("4a", widths[2], widths[3], sizes[3])
+        dice("4b", widths[3], widths[3], sizes[3])
+        self.aspp = DiCEPyramidPooling(
+            widths[3], cfg.mid_channels, sizes[3], cfg.aspp_rates, cfg.fix_aspp_adaptive_pool, impl
+        )
+        # Decoder: level l gets its skip (widths[l]) gated by the deeper feature (widths[l+1]).
+        build_up = self.concat_up or not cfg.fix_drop_unused_upconv
+        extra = 1 if self.concat_up else 0
+        for i, (lvl, name) in enumerate(((2, "6"), (1, "7"), (0, "8"))):
+            c_skip, c_deep = widths[lvl], widths[lvl + 1]
+            if build_up:
+                up = nn.ConvTranspose2d(c_deep, c_skip, 3, stride=2, padding=1, output_padding=1)
+                self.add_module(f"upconv{i + 1}", up)
+            self.add_module(f"att{i + 1}", AttentionGate(c_skip, c_deep, c_skip))
+            dice(f"{name}a", (2 + extra) * c_skip, c_skip, sizes[lvl])
+            dice(f"{name}b", c_skip, c_skip, sizes[lvl])
+        self.seg_map_conv = nn.Conv2d(n, 1, 1)
+
+    def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """DiCE block ``conv<name>`` followed by its external BatchNorm ``bn<name>`` and ReLU."""
+        return F.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)), inplace=True)
+
+    def check_input_shape(self, x: torch.Tensor) -> None:
+        """Raises ValueError unless ``x`` is B x C x H x W with H, W multiples of 8."""
+        if x.dim() != 4 or x.shape[1] != self.conv1a.in_channels:
+            raise ValueError(
+                f"KidneySegNet expects B x {self.conv1a.in_channels} x H x W, got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % 8 or w % 8:
+            raise ValueError(f"KidneySegNet needs H and W divisible by 8 (3 poolings), got {h}x{w}")
+        t = self.cfg.tile_size
+        if not self.cfg.fix_aspp_adaptive_pool and (h, w) != (t, t):
+            raise ValueError(
+                f"original-compatible KidneySegNet runs on {t}x{t} tiles only, got {h}x{w}; "
+                "set model.fix_aspp_adaptive_pool: true for other sizes"
+            )
+
+    def forward(self, x: torch.Tensor, features: dict[str, torch.Tensor] | None = None):
+        """Distance map B x 1 x H x W (>= 0).
+
+        Args:
+            x: Input B x 3 x H x W.
+            features: If given, filled with intermediate outputs under the original's module
+                names (``conv4b`` = raw DiCE output, ``aspp``, ``conv6b``, ``att3``, ``conv8b``).
+        """
+        self.check_input_shape(x)
+        feats = features if features is not None else {}
+        e1 = F.relu(self.bn1a(self.conv1a(x)), inplace=True)
+        e1 = self._block("1b", e1)  # B x n x H x W
+        e2 = self._block("2b", self._block("2a", F.max_pool2d(e1, 2)))  # 2n @ H/2
+        e3 = self._block("3b", self._block("3a", F.max_pool2d(e2, 2)))  # 4n @ H/4
+        e4 = self._block("4a", F.max_pool2d(e3, 2))
+        raw = self.conv4b(e4)
+        feats["conv4b"] = raw
+        e4 = F.relu(self.bn4b(raw), inplace=False)  # 8n @ H/8
+        d = self.aspp(e4)
+        feats["aspp"] = d
+        for i, (skip, name) in enumerate(((e3, "6"), (e2, "7"), (e1, "8"))):
+            gated = getattr(self, f"att{i + 1}")(skip, d)
+            feats[f"att{i + 1}"] = gated
+            parts = [gated, skip]
+            if self.concat_up:
+                parts.append(getattr(self, f"upconv{i + 1}")(d))
+            d = self._block(f"{name}a", torch.cat(parts, 1))
+            raw = getattr(self, f"conv{name}b")(d)
+            feats[f"conv{name}b"] = raw
+            d = F.relu(getattr(self, f"bn{name}b")(raw), inplace=False)
+        return F.relu(self.seg_map_conv(d))

@@ -1,0 +1,252 @@
+"""The kseg model as an MLflow pyfunc: base64 image in, base64 instance labels out.
+
+The pyfunc does the whole job of :class:`kseg.segmenter.Segmenter` (stain normalization as
+trained, tiled inference at any image size, DIST post-processing). Its only artifact is the kseg
+model folder (``model_folder``), so ``kseg predict --model models:/kseg@champion`` finds the same
+files inside the logged model.
+
+Request (``mlflow models serve``, ``POST /invocations``)::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/TIFF/JPEG bytes>"]]},
+     "params": {"return_distance": false}}
+
+Response: ``{"predictions": [{"labels": "<base64 PNG>", "labels_format": "png", "n_nuclei": 12,
+"height": 700, "width": 900}]}``. ``labels`` is a 16-bit grayscale PNG (0 = background, 1..n the
+nuclei); past 65535 nuclei it is a 32-bit TIFF (``labels_format: "tiff"``). With
+``return_distance`` a ``distance`` column holds the float32 distance map as a base64 TIFF.
+
+The class is importable from ``kseg.serving`` (cloudpickle stores a reference to it, not its code);
+the logged model bundles the ``kseg`` package (``code_paths``) so a fresh process can import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+ARTIFACT_KEY = "model_folder"
+# Distributions the pyfunc imports at prediction time (kseg's runtime dependencies).
+RUNTIME_DISTRIBUTIONS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pillow",
+    "tifffile",
+    "pyyaml",
+    "scikit-image",
+    "opencv-python-headless",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding (shared by the model, the tests and any Python client)
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_image(rgb: NDArray[np.uint8]) -> str:
+    """``(H, W, 3)`` uint8 RGB -> base64 PNG text, the ``image`` column of a request."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_image(value: str | bytes, row: int = 0) -> NDArray[np.uint8]:
+    """Base64 text (or raw bytes) of a PNG/TIFF/JPEG/BMP -> ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        ValueError: If the value is not base64 or not a readable image (the row is named).
+    """
+    from kseg.predict import to_rgb8
+
+    where = f"image[{row}]"
+    if isinstance(value, str):
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"{where}: not base64 text ({err})") from err
+    elif isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        raise ValueError(f"{where}: expected base64 text, got {type(value).__name__}")
+    try:
+        if data[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF: tifffile reads any bit depth
+            import tifffile
+
+            arr = tifffile.imread(io.BytesIO(data))
+        else:
+            import cv2
+
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise ValueError("not a PNG, JPEG, BMP or TIFF image")
+            if arr.ndim == 3 and arr.shape[2] >= 3:  # OpenCV gives BGR(A)
+                arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]
+    except Exception as err:
+        raise ValueError(f"{where}: cannot decode image ({err})") from err
+    return to_rgb8(np.asarray(arr), where)
+
+
+def encode_labels(labels: NDArray[np.integer]) -> tuple[str, str]:
+    """Instance labels -> (base64 text, format): 16-bit PNG, or 32-bit TIFF past 65535 nuclei."""
+    if int(labels.max(initial=0)) < 2**16:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(labels.astype(np.uint16)).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii"), "png"
+    return _tiff_b64(labels.astype(np.uint32)), "tiff"
+
+
+def decode_labels(value: str) -> NDArray[np.int32]:
+    """The ``labels`` column of a response -> ``(H, W)`` int32 labels."""
+    data = base64.b64decode(value)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        import tifffile
+
+        return tifffile.imread(io.BytesIO(data)).astype(np.int32)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img).astype(np.int32)
+
+
+def decode_distance(value: str) -> NDArray[np.float32]:
+    """The ``distance`` column of a response -> ``(H, W)`` float32 distance map (0..255 scale)."""
+    import tifffile
+
+    return tifffile.imread(io.BytesIO(base64.b64decode(value))).astype(np.float32)
+
+
+def _tiff_b64(arr: NDArray) -> str:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, compression="zlib")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------------
+# The pyfunc
+# --------------------------------------------------------------------------------------------------
+
+
+class KsegPyfunc(mlflow.pyfunc.PythonModel):
+    """Segments every row's image; holds no state until :meth:`load_context`."""
+
+    def load_context(self, context: Any) -> None:
+        """Loads the kseg model folder logged as the ``model_folder`` artifact (on CPU)."""
+        import os
+
+        from kseg.segmenter import Segmenter
+
+        device = os.environ.get("KSEG_DEVICE", "cpu")
+        self.segmenter = Segmenter.from_folder(context.artifacts[ARTIFACT_KEY], device=device)
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """One output row per input row (see the module docstring for the columns)."""
+        if "image" not in model_input.columns:
+            raise ValueError(
+                f"input: expected a column 'image' (base64 image), got {list(model_input.columns)}"
+            )
+        with_distance = bool((params or {}).get("return_distance", False))
+        rows = []
+        for i, value in enumerate(model_input["image"].tolist()):
+            rgb = decode_image(value, i)
+            labels, dist = self.segmenter.segment(rgb)
+            text, fmt = encode_labels(labels)
+            row: dict[str, Any] = {
+                "labels": text,
+                "labels_format": fmt,
+                "n_nuclei": int(labels.max(initial=0)),
+                "height": int(labels.shape[0]),
+                "width": int(labels.shape[1]),
+            }
+            if with_distance:
+                row["distance"] = _tiff_b64(dist.astype(np.float32))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def signature() -> Any:
+    """Input: string column ``image``; params: ``return_distance``; outputs as documented."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "labels"),
+                ColSpec("string", "labels_format"),
+                ColSpec("long", "n_nuclei"),
+                ColSpec("long", "height"),
+                ColSpec("long", "width"),
+                ColSpec("string", "distance", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("return_distance", "boolean", False)]),
+    )
+
+
+def input_example(size: int = 48) -> pd.DataFrame:
+    """A small H&E-coloured request (pink background, two purple blobs); deterministic."""
+    yy, xx = np.mgrid[:size, :size]
+    rgb = np.empty((size, size, 3), np.uint8)
+    rgb[...] = (235, 190, 215)
+    for cy, cx in ((size // 3, size // 3), (2 * size // 3, 2 * size // 3)):
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 8) ** 2] = (90, 50, 140)
+    return pd.DataFrame({"image": [encode_image(rgb)]})
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc environment, from the installed distributions.
+
+    The ``+cpu`` local tag is dropped: the same pin then installs the CUDA build on a GPU host.
+    """
+    reqs = []
+    for dist in RUNTIME_DISTRIBUTIONS:
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def log_pyfunc(model_dir: Path, name: str = "model") -> Any:
+    """Logs ``model_dir`` as a pyfunc model into the active run; returns MLflow's ModelInfo.
+
+    The ``kseg`` package is copied (without ``__pycache__``) as the model's code, so loading
+    needs only the pinned requirements, not a kseg install.
+    """
+    import kseg
+
+    package = Path(kseg.__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "kseg"
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=KsegPyfunc(),
+            artifacts={ARTIFACT_KEY: str(model_dir)},
+            code_paths=[str(code)],
+            signature=signature(),
+            input_example=input_example(),
+            pip_requirements=pip_requirements(),
+        )

@@ -1,0 +1,357 @@
+"""The Prefect ``retrain`` flow: end-to-end under the test harness, a real server + worker, retries.
+
+Every flow run here drives the real pipeline: each task is a ``dvc repro --single-item`` process
+in a scratch git + DVC copy of the project with the tiny synthetic parameters.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.retrain import retrain, set_params, stage_order
+from kseg.config import ConfigError, load_params
+from tests.conftest import free_port, stop_process, wait_http
+from tests.pipeline_helpers import write_params
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """One temporary Prefect API (SQLite) for every in-process flow run of this module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def make_project(folder: Path, overrides: dict | None = None, deploy: bool = False) -> Path:
+    """A git + DVC repository holding the pipeline files, kseg's sources and tiny params."""
+    folder.mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", folder / "dvc.yaml")
+    ignore = shutil.ignore_patterns("__pycache__")
+    # dvc.yaml lists kseg/*.py files as deps: they must exist in the project.
+    shutil.copytree(REPO / "kseg", folder / "kseg", ignore=ignore)
+    shutil.copytree(REPO / ".dvc", folder / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    if deploy:
+        shutil.copytree(REPO / "flows", folder / "flows", ignore=ignore)
+        shutil.copy(REPO / "prefect.yaml", folder / "prefect.yaml")
+    write_params(folder, overrides)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    return folder
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages track to sqlite:///mlflow.db inside the project, whatever the caller's shell says."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# --- params editing (no Prefect run needed) ---
+
+
+def test_set_params_keeps_comments_and_validates_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    before = path.read_text()
+    assert set_params(path, {"train.epochs": 7, "data.url": "http://127.0.0.1:1/x.zip"})
+    text = path.read_text()
+    assert "url: http://127.0.0.1:1/x.zip" in text
+    # Every comment line of the original survives, and untouched nulls stay `null`.
+    assert [ln for ln in before.splitlines() if ln.lstrip().startswith("#")] == [
+        ln for ln in text.splitlines() if ln.lstrip().startswith("#")
+    ]
+    assert "sha256: null" in text
+    cfg = load_params(path)
+    assert (cfg.train.epochs, cfg.data.url) == (7, "http://127.0.0.1:1/x.zip")
+    assert not set_params(path, {"train.epochs": 7})  # same value: file untouched
+    with pytest.raises(ConfigError, match=r"train\.device: 'gpu' is not allowed"):
+        set_params(path, {"train.device": "gpu"})
+    assert path.read_text() == text
+
+
+def test_stage_order_follows_the_dependency_graph(tmp_path: Path) -> None:
+    stages = {
+        "report": {"cmd": "x", "deps": ["metrics/eval.json"]},
+        "evaluate": {"cmd": "x", "deps": ["models/m"], "metrics": [{"metrics/eval.json": {}}]},
+        "train": {"cmd": "x", "deps": ["data/tiles", "kseg/train.py"], "outs": ["models/m"]},
+        "fetch": {"cmd": "x", "outs": ["data"]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    assert stage_order(tmp_path) == ["fetch", "train", "evaluate", "report"]
+    stages["fetch"]["deps"] = ["metrics/eval.json"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ValueError, match="cycle"):
+        stage_order(tmp_path)
+    order = stage_order(REPO)
+    assert order[0] == "fetch" and set(order) == set(
+        yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    )
+
+
+# --- flow runs under the test harness ---
+
+
+def _artifact_markdown(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert [a.key for a in arts] == ["kseg-retrain"]
+    return str(arts[0].data)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("harness", "no_mlflow_env")
+def test_retrain_end_to_end_then_skips_unchanged_stages(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p")
+    order = stage_order(project)
+    state = retrain(project_dir=str(project), epochs=1, return_state=True)
+    assert state.is_completed(), state.message
+    first = state.result()
+    assert [r["stage"] for r in first["stages"]] == order
+    assert all(r["ran"] for r in first["stages"]), first["stages"]
+    assert first["params_changed"]
+    # The flow parameter went in as a DVC param: params.yaml and the lock record it.
+    assert load_params(project / "params.yaml").train.epochs == 1
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    assert json.loads((project / "metrics/train.json").read_text())["epochs_run"] == 1
+    markdown = _artifact_markdown(state.state_details.flow_run_id)
+    summary = json.loads((project / "models/kseg/train_summary.json").read_text())
+    assert summary["mlflow_run_id"] in markdown
+    for key, value in json.loads((project / "metrics/eval.json").read_text()).items():
+        if isinstance(value, float):
+            assert f"| {key} | {value:.4f} |" in markdown
+    if (project / "metrics/register.json").exists():
+        assert "no registry decision yet" not in markdown
+
+    lock_text = (project / "dvc.lock").read_text()
+    second = retrain(project_dir=str(project), epochs=1)
+    assert [(r["stage"], r["status"]) for r in second["stages"]] == [(s, "skipped") for s in order]
+    assert not second["params_changed"]
+    assert (project / "dvc.lock").read_text() == lock_text
+
+
+@pytest.mark.usefixtures("harness")
+def test_failing_validation_fails_the_flow_with_its_output_and_report(tmp_path: Path) -> None:
+    # A stand-in validate stage that fails like `kseg validate` does: messages on stderr, exit 1.
+    failing = "FAILED expect_column_values_to_be_unique(tile_id)"
+    script = f"import sys; sys.stderr.write('{failing}'); sys.exit(1)"
+    stages = {"validate": {"cmd": f'{sys.executable} -c "{script}"', "outs": ["reports"]}}
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    write_params(project)
+    shutil.copytree(REPO / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    state = retrain(project_dir=str(project), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError) as err:
+        state.result()
+    message = str(err.value)
+    assert "stage 'validate' failed" in message
+    assert failing in message
+    report = project / load_params(project / "params.yaml").validate.report
+    assert report.resolve().as_uri() in message
+
+
+# --- a real Prefect server, the checked-in deployment and a worker ---
+
+
+def _api(url: str, payload: dict | None = None) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _model_versions(project: Path) -> list[tuple[str, str]]:
+    """(name, version) of every registered model version in the project's MLflow database."""
+    if not (project / "mlflow.db").exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    return sorted((v.name, v.version) for v in client.search_model_versions())
+
+
+@pytest.mark.slow
+def test_deployment_schedule_and_worker_run_on_a_real_server(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", deploy=True)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_API_URL": api,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)  # the stages track to the project's mlflow.db
+    prefect = str(BIN / "prefect")
+
+    def cli(*args: str, cwd: Path = tmp_path) -> str:
+        proc = subprocess.run(
+            [prefect, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    procs: list[subprocess.Popen] = []
+    log = (tmp_path / "server.log").open("w")
+    try:
+        procs.append(
+            subprocess.Popen(
+                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        wait_http(f"{api}/health", timeout=120, proc=procs[0])
+        spec = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+        pool = spec["work_pool"]["name"]
+        cli("work-pool", "create", pool, "--type", "process")
+        cli("--no-prompt", "deploy", "--all", cwd=project)
+
+        deployment = _api(f"{api}/deployments/name/retrain/{spec['name']}")
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [
+            s["cron"] for s in spec["schedules"]
+        ]
+        assert all(s["active"] for s in deployment["schedules"])
+        # The templated working directory is the folder the deployment was registered from.
+        step = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert Path(step["directory"]) == project
+
+        assert _model_versions(project) == []
+        run = _api(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            {"parameters": {"epochs": 1}},
+        )
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", pool, "--run-once"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        procs.append(worker)
+        output, _ = worker.communicate(timeout=400)
+        state = _api(f"{api}/flow_runs/{run['id']}")["state"]
+        assert state["type"] == "COMPLETED", f"{state}\n{output[-4000:]}"
+        assert load_params(project / "params.yaml").train.epochs == 1
+        # The register stage added the first version of the model to the project's registry.
+        assert len(_model_versions(project)) == 1
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        log.close()
+    for proc in procs:
+        assert proc.poll() is not None
+
+
+# --- fetch retries ---
+
+
+def _tnbc_zip() -> bytes:
+    """A one-tile archive in the layout of the official TNBC zip."""
+    from PIL import Image
+
+    def png(mode: str, value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (32, 32), value).save(buf, format="PNG")
+        return buf.getvalue()
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("TNBC_NucleiSegmentation/Slide_01/01_1.png", png("RGBA", 128))
+        zf.writestr("TNBC_NucleiSegmentation/GT_01/01_1.png", png("L", 0))
+    return buf.getvalue()
+
+
+class _FlakyServer(http.server.ThreadingHTTPServer):
+    """Answers 503 to the first ``failures`` requests, then serves ``body``."""
+
+    def __init__(self, body: bytes, failures: int) -> None:
+        self.body, self.failures, self.requests = body, failures, 0
+        super().__init__(("127.0.0.1", 0), _FlakyHandler)
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    server: _FlakyServer
+
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        if self.server.requests <= self.server.failures:
+            self.send_error(503, "try again later")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+        self.wfile.write(self.server.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.usefixtures("harness")
+def test_fetch_fails_twice_then_the_task_retries_succeed(tmp_path: Path) -> None:
+    import hashlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    body = _tnbc_zip()
+    # retries: 0 turns the downloader's own retries off: each failed request fails `kseg fetch`,
+    # so only the flow's task retries can get past the two 503s.
+    project = make_project(tmp_path / "p", {"data": {"retries": 0, "timeout_s": 10.0}})
+    server = _FlakyServer(body, failures=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/TNBC_NucleiSegmentation.zip"
+        state = retrain(
+            project_dir=str(project),
+            source="tnbc",
+            url=url,
+            sha256=hashlib.sha256(body).hexdigest(),
+            stages=["fetch"],
+            return_state=True,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state.is_completed(), state.message
+    assert [(r["stage"], r["status"]) for r in state.result()["stages"]] == [("fetch", "ran")]
+    assert server.requests == 3
+    assert (project / "data/TNBC_NucleiSegmentation/GT_01/01_1.png").is_file()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    fetch_run = next(r for r in runs if r.name == "fetch")
+    assert fetch_run.run_count == 3  # two failed attempts, then the one that succeeded

@@ -1,0 +1,120 @@
+"""The fast DiCE implementation computes the same function as the line-by-line reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kseg.model.config import ModelConfig
+from kseg.model.dice import DiCE, prelu
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights, BN statistics and PReLU slopes (including negative slopes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g, dtype=b.dtype) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.2)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    """Max abs difference relative to the tensor's largest value below ``tol``."""
+    scale = max(b.abs().max().item(), 1e-12)
+    err = (a - b).abs().max().item() / scale
+    assert err < tol, f"{what}: relative difference {err:.2e}"
+
+
+def _compare(
+    ref: torch.nn.Module,
+    fast: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    train: bool,
+    grad_tol: float = 1e-5,
+):
+    ref.train(train)
+    fast.train(train)
+    results = []
+    for m in (ref, fast):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        m.zero_grad(set_to_none=True)
+        out = m(*xs)
+        g = torch.Generator().manual_seed(99)
+        out.backward(torch.randn(out.shape, generator=g, dtype=out.dtype))
+        results.append((out.detach(), [x.grad for x in xs], m))
+    (o1, gx1, m1), (o2, gx2, m2) = results
+    _close(o2, o1, "output")
+    for a, b in zip(gx2, gx1, strict=True):
+        _close(a, b, "input gradient", grad_tol)
+    for (name, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        assert (p1.grad is None) == (p2.grad is None), name
+        if train and name == "conv1a.bias":
+            # A bias right before a train-mode BatchNorm has zero gradient in exact arithmetic;
+            # both paths give rounding noise.
+            assert p1.grad.abs().max() < 1e-9 and p2.grad.abs().max() < 1e-9
+        elif p1.grad is not None:
+            _close(p2.grad, p1.grad, f"gradient of {name}", grad_tol)
+    for (name, b1), (_, b2) in zip(m1.named_buffers(), m2.named_buffers(), strict=True):
+        assert torch.allclose(b1.double(), b2.double(), rtol=1e-6, atol=1e-9), name
+
+
+CASES = [
+    # c_in, c_out, built H x W, kernel, dilation, input H x W
+    (8, 8, 16, 16, 3, (1, 1, 1), (16, 16)),
+    (8, 16, 12, 20, 3, (1, 1, 1), (12, 20)),  # non-square, widening (gcd groups)
+    (12, 8, 16, 16, 3, (2, 3, 4), (16, 16)),  # unequal dilations
+    (16, 8, 16, 16, 1, (1, 1, 1), (16, 16)),  # 1x1 branch of the pyramid
+    (8, 8, 16, 16, 3, (1, 1, 1), (10, 24)),  # input smaller/larger than built: resized
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_dice_fast_equals_reference(case, train, dtype):
+    c_in, c_out, h, w, k, dil, (xh, xw) = case
+    ref = DiCE(c_in, c_out, h, w, k, dil, impl="reference").to(dtype)
+    _randomize(ref, seed=sum(case[:4]))
+    fast = copy.deepcopy(ref)
+    fast.impl = "fast"
+    x = torch.randn(2, c_in, xh, xw, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    # float64 checks that the two paths are the same function (1e-5 relative, typically 1e-14).
+    # In float32 the outputs agree to 1e-5 too, but in training mode the gradient of a weight in
+    # front of a BatchNorm is near zero (BN is scale-invariant), i.e. rounding noise that depends
+    # on summation order, so float32 gradients are held to 1e-3 of their largest value.
+    _compare(ref, fast, [x], train, grad_tol=1e-5 if dtype == torch.float64 else 1e-3)
+
+
+def test_prelu_matches_torch_including_gradients():
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(prelu, (x, a))
+    g = torch.randn(3, 5, 7, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(prelu(x, a), (x, a), g)
+    theirs = torch.autograd.grad(torch.nn.functional.prelu(x, a), (x, a), g)
+    for o, t in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(o, t)
+
+
+@pytest.mark.parametrize("original", [True, False])
+def test_whole_network_fast_equals_reference(original):
+    from kseg.model import build_model
+
+    if original:
+        cfg = ModelConfig.original_compatible(nfeat=4, mid_channels=8).with_(tile_size=32)
+    else:
+        cfg = ModelConfig(nfeat=4, mid_channels=8, tile_size=32)
+    ref = build_model(cfg.with_(dice_impl="reference"))
+    _randomize(ref, seed=5)
+    fast = build_model(cfg)
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.double(), fast.double()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _compare(ref, fast, [x], train=True)
+    _compare(ref, fast, [x], train=False)
