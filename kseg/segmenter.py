@@ -46,8 +46,9 @@ class Segmenter:
         Raises:
             ValueError: If a required file is missing or malformed (the file is named).
         """
-        from kseg.model import load_model_folder
+        from kseg.model import load_model_folder, tune_cpu_allocator
 
+        tune_cpu_allocator()  # reuse freed activation memory (see kseg.model.perf)
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"{folder}: not a model folder (run `kseg train` or give one)")

@@ -252,8 +252,9 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         TrainingDiverged: On a NaN/inf loss (the last good checkpoint stays).
         ValueError: On missing or inconsistent inputs, naming the file.
     """
-    from kseg.model import build_model
+    from kseg.model import build_model, tune_cpu_allocator
 
+    tune_cpu_allocator()  # reuse freed activation memory (3-5x faster elementwise ops on CPU)
     cfg = params.train
     device = resolve_device(cfg.device)
     rank, world = _init_distributed(device)

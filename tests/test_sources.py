@@ -82,7 +82,9 @@ def test_tnbc_over_http_fetch_prepare_validate(tnbc_site, tnbc_dir, tmp_path: Pa
     man = pd.read_csv(tmp_path / "prepared/manifest.csv", dtype={"patient": str, "tile_id": str})
     assert len(man) == 50 and man["patient"].nunique() == 11
     assert man["n_nuclei"].sum() >= 4000
-    assert (man["source_mode"] == "RGBA").all() and (man["mask_kind"] == "binary").all()
+    # 47 tiles ship as RGBA and 3 as RGB; all become RGB uint8 (manifest dtype/channels).
+    assert set(man["source_mode"]) == {"RGBA", "RGB"} and (man["channels"] == 3).all()
+    assert (man["mask_kind"] == "binary").all()
     split = json.loads((tmp_path / "prepared/split.json").read_text())
     assert split["patients"]["test"] == ["02", "06", "10"] and len(split["test"]) == 10
     # Labels are exactly the 8-connected components of the binary ground truth.
@@ -102,7 +104,12 @@ def test_tnbc_over_http_fetch_prepare_validate(tnbc_site, tnbc_dir, tmp_path: Pa
         ("evil.zip", "evil.zip", "unsafe archive entry '../evil.png'"),
     ],
 )
-def test_bad_archive_fails_clearly_and_leaves_data(tnbc_site, tmp_path, archive, sha_of, message):
+def test_bad_archive_fails_clearly_and_leaves_data(
+    tnbc_site, tmp_path, monkeypatch, archive, sha_of, message
+):
+    # An empty cache: the cache is content-addressed, so a cached good archive would be used.
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    monkeypatch.setenv("KSEG_CACHE", str(cache))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("previous dataset")
     sha = "f" * 64 if sha_of == "wrong" else _sha(tnbc_site.root / sha_of)
@@ -112,6 +119,7 @@ def test_bad_archive_fails_clearly_and_leaves_data(tnbc_site, tmp_path, archive,
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # no staging
     assert not (tmp_path.parent / "evil.png").exists()
+    assert not list(cache.rglob("*.part"))  # no half-written download left behind
 
 
 def _binary_tiles(root: Path, names: dict[str, str], image_dir: str, mask_dir: str) -> None:
@@ -201,11 +209,13 @@ def test_dvc_exp_run_switching_source_reruns_the_data_stages(tnbc_site, tmp_path
     (project / ".gitignore").write_text(".cache/\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    # Small synthetic data first: all three data stages run.
-    _dvc("exp", "run", "validate", "-S", "data.synthetic.tile_size=64",
-         "-S", "data.synthetic.n_patients=5", "-S", "data.synthetic.tiles_per_patient=2", cwd=project)  # fmt: skip
     subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
-    subprocess.run([*git, "commit", "-qm", "synthetic"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=project, check=True)
+    # Small synthetic data first: all three data stages run, then nothing is left to do.
+    small = ["data.synthetic.tile_size=64", "data.synthetic.n_patients=5",
+             "data.synthetic.tiles_per_patient=2"]  # fmt: skip
+    first = _dvc("exp", "run", "validate", *[a for kv in small for a in ("-S", kv)], cwd=project)
+    assert _ran(first) == {"fetch", "prepare", "validate"}
     assert _ran(_dvc("repro", "validate", cwd=project)) == set()
     url = f"{tnbc_site.url}/TNBC_NucleiSegmentation.zip"
     sha = _sha(tnbc_site.root / "TNBC_NucleiSegmentation.zip")

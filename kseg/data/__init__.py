@@ -1,0 +1,1 @@
+"""Data sources, preparation, targets and datasets."""
