@@ -34,8 +34,12 @@ TINY_PARAMS = {
 
 
 def write_params(folder: Path, overrides: dict | None = None) -> Path:
-    """Writes params.yaml: the tiny defaults deep-merged with ``overrides``."""
-    params = _merge(TINY_PARAMS, overrides or {})
+    """Writes params.yaml: the repo's file with the tiny settings and ``overrides`` merged in.
+
+    Every key of the repo's params.yaml is present, as DVC requires for the params it tracks.
+    """
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _merge(_merge(base, TINY_PARAMS), overrides or {})
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
