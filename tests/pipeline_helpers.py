@@ -29,7 +29,13 @@ TINY_PARAMS = {
         },
     },
     "model": {"nfeat": 4, "mid_channels": 8, "tile_size": 64},
-    "train": {"epochs": 2, "batch_size": 2, "threads": 1, "val_overlays": 1},
+    "train": {
+        "epochs": 2,
+        "batch_size": 2,
+        "samples_per_epoch": 0,
+        "threads": 1,
+        "val_overlays": 1,
+    },
 }
 
 
