@@ -52,10 +52,13 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def stage_order(project: Path) -> list[str]:
-    """Stage names of ``dvc.yaml`` in dependency order (file order among independent stages).
+    """Stage names of ``dvc.yaml`` in dependency order, checks as early as possible.
 
     A stage follows every stage that writes one of its deps (or a folder holding it, or a file
     inside it), so a stage added to dvc.yaml later is picked up without touching this flow.
+    Stages are ordered by depth (longest chain of producers above them); at equal depth a stage
+    whose outputs nobody consumes (a check such as ``validate``) goes first, so a failing check
+    stops the run before the expensive stages, then dvc.yaml's order decides.
     """
     stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     outs = {
@@ -71,15 +74,18 @@ def stage_order(project: Path) -> list[str]:
         }
         for name, s in stages.items()
     }
-    order: list[str] = []
-    while len(order) < len(stages):
-        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+    depth: dict[str, int] = {}
+    while len(depth) < len(stages):
+        ready = [n for n in stages if n not in depth and needs[n] <= depth.keys()]
         if not ready:
             raise ValueError(
-                f"dvc.yaml: the stages {sorted(set(stages) - set(order))} form a cycle"
+                f"dvc.yaml: the stages {sorted(set(stages) - depth.keys())} form a cycle"
             )
-        order.append(ready[0])
-    return order
+        for name in ready:
+            depth[name] = 1 + max((depth[d] for d in needs[name]), default=-1)
+    consumed = set().union(*needs.values())
+    index = {name: i for i, name in enumerate(stages)}
+    return sorted(stages, key=lambda n: (depth[n], n in consumed, index[n]))
 
 
 def set_params(path: Path, updates: dict[str, Any]) -> bool:
