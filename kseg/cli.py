@@ -219,12 +219,14 @@ def register(
     """Register the model in MLflow; move the champion alias only if it beats the champion."""
     cfg = _load(params)
     _setup_logging()
+    from mlflow.exceptions import MlflowException
+
     from kseg.registry import register as run_register
 
     try:
         report = run_register(cfg, model, metrics)
-    except (OSError, ValueError) as err:
-        _fail(f"register failed, aliases unchanged: {err}")
+    except (OSError, ValueError, MlflowException) as err:
+        _fail(f"register failed: {err}")
     typer.echo(f"{report['model_uri']}: {report['decision']} ({report['reason']})")
 
 

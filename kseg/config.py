@@ -236,8 +236,8 @@ class RegisterConfig:
         """A model name, alias names MLflow accepts, and two different aliases."""
         import re
 
-        if not self.model_name.strip() or "/" in self.model_name or "@" in self.model_name:
-            raise ValueError(f"model_name: {self.model_name!r} must be non-empty, without / or @")
+        if not self.model_name.strip() or any(c in self.model_name for c in "/@'"):
+            raise ValueError(f"model_name: {self.model_name!r} must be non-empty, without / @ '")
         for key, name in (("alias", self.alias), ("challenger_alias", self.challenger_alias)):
             if name is None:
                 continue

@@ -13,7 +13,9 @@ Steps (registry changes are ordered so that an interruption never moves the alia
    tagged with the metrics, split fingerprint, data version, git commit and model digest. A model
    registered before (same digest) is not logged twice: its version is reused.
 4. Promote only if the candidate beats the champion by more than ``register.min_delta`` (equal
-   stays); the loser gets the challenger alias. The champion alias moves last.
+   stays); the loser gets the challenger alias. The champion alias moves after everything else
+   in the registry is in place; the version's ``decision`` tag (``pending`` until then) follows.
+   An interrupted run leaves the alias where it was; running it again reuses the version.
 5. Write ``metrics/register.json``: decision, both values, versions and the reason.
 """
 
@@ -158,8 +160,12 @@ def _current_champion(client: Any, cfg: RegisterConfig) -> Any | None:
 
     try:
         return client.get_model_version_by_alias(cfg.model_name, cfg.alias)
-    except MlflowException:  # no such model or no such alias
-        return None
+    except MlflowException as err:
+        # No such model, or no such alias: there is no champion. Anything else (a server
+        # error) must stop the stage, not crown the candidate.
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _version_with_digest(client: Any, name: str, digest: str) -> Any | None:
@@ -233,7 +239,10 @@ def log_model(
     from kseg.serving import log_pyfunc
 
     run_id = _training_run(model_dir, client)
+    failed = "FAILED"
     if run_id is not None:
+        # A failure here must not mark the (finished) training run as failed.
+        failed = client.get_run(run_id).info.status
         run = mlflow.start_run(run_id=run_id)
     else:
         experiment = mlflow.set_experiment(params.train.experiment)
@@ -241,7 +250,7 @@ def log_model(
         mlflow.set_tag("kseg.stage", "register")
         mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-    status = "FAILED"
+    status = failed
     try:
         # The raw torch weights (model.pt, config.json, ...) beside the pyfunc model.
         mlflow.log_artifacts(str(model_dir), "kseg_model")
@@ -346,15 +355,17 @@ def register(
     else:
         version = str(existing.version)
         tags = _version_tags(params, metrics, split_sha, n_test, digest, existing.run_id or "")
+        tags["decision"] = "pending"
         for key, val in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, val)
         log.info("this model is already version %s (same %s): reused", version, DIGEST_TAG)
     decision, promote, reason = decide(cfg, version, metrics[cfg.metric], holder, champion)
-    client.set_model_version_tag(cfg.model_name, version, "decision", decision)
     if decision == "challenger" and cfg.challenger_alias:
         client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version)
     if promote:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    # After the alias: an interrupted run leaves "pending", never a decision that did not happen.
+    client.set_model_version_tag(cfg.model_name, version, "decision", decision)
     log.info("%s", reason)
 
     report = {

@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,6 @@ from PIL import Image
 
 from tests.conftest import BIN, free_port, stop_process, wait_http
 from tests.pipeline_helpers import make_model_folder, run_stage, write_params
-
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -47,7 +47,8 @@ def _write_prepared(folder: Path, seeds: list[int]) -> None:
     for tile_id, seed in zip(ids, seeds, strict=True):
         rgb, labels = _tile(seed, 80, 80)
         Image.fromarray(rgb).save(folder / "prepared" / "images" / f"{tile_id}.png")
-        Image.fromarray(labels.astype(np.uint16)).save(folder / "prepared" / "labels" / f"{tile_id}.png")
+        label_path = folder / "prepared" / "labels" / f"{tile_id}.png"
+        Image.fromarray(labels.astype(np.uint16)).save(label_path)
     split = {"train": [], "val": [], "test": ids}
     (folder / "prepared" / "split.json").write_text(json.dumps(split))
 
@@ -57,6 +58,38 @@ def _project(folder: Path, register: dict | None = None) -> Path:
     write_params(folder, {"register": register or {}})
     _write_prepared(folder, [1, 2])
     return folder
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread while inside.
+
+    On a busy 2-core machine two OpenMP threads spin against other processes (measured for
+    700 x 900: 1.5 s on one thread, 10-60 s on two); the subprocesses get OMP_NUM_THREADS=1 too,
+    so both sides of every comparison run the same kernels.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _segment(model_dir: Path, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local reference segmentation (one torch thread)."""
+    from kseg.segmenter import Segmenter
+
+    with _one_thread():
+        return Segmenter.from_folder(model_dir).segment(rgb)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """Environment of a child process: one torch thread, the venv's bin first on PATH."""
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 
 
 @contextlib.contextmanager
@@ -81,7 +114,7 @@ def _register(folder: Path, model: Path, aji: float) -> dict:
     return json.loads((metrics / "register.json").read_text())
 
 
-def _client():  # noqa: ANN202 (mlflow is imported lazily)
+def _client() -> Any:
     import mlflow
 
     return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -183,6 +216,54 @@ def test_champion_scored_on_another_split(tmp_path: Path, models: list[Path]) ->
     assert expected != 0.9 and report["decision"] == "champion"  # 0.95 beats an untrained model
 
 
+def test_interrupted_registration_leaves_the_alias_and_a_rerun_finishes_it(
+    tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also: a model whose training run is on this server is logged into that run."""
+    import mlflow
+
+    from kseg.config import load_params
+    from kseg.registry import register
+
+    folder = _project(tmp_path / "proj")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    _register(folder, models[0], 0.5)
+    report_before = (folder / "metrics" / "register.json").read_text()
+    client = _client()
+    run_id = client.create_run(client.get_experiment_by_name("kseg").experiment_id).info.run_id
+    trained = shutil.copytree(models[1], tmp_path / "trained")
+    (trained / "train_summary.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    (folder / "metrics" / "eval.json").write_text(json.dumps({"aji": 0.7}))
+    params = load_params(folder / "params.yaml")
+    monkeypatch.chdir(folder)
+
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def interrupted(self, name: str, alias: str, version: str) -> None:
+        if alias == "champion":
+            raise KeyboardInterrupt  # the process is stopped just before the alias moves
+        real(self, name, alias, version)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow.MlflowClient, "set_registered_model_alias", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            register(params, trained)
+    assert _champion() == "1"
+    assert client.get_model_version("kseg", "2").tags["decision"] == "pending"
+    assert (folder / "metrics" / "register.json").read_text() == report_before
+
+    report = register(params, trained)  # the rerun reuses version 2 and finishes the job
+    assert (report["decision"], report["candidate_reused_version"], _champion()) == (
+        "champion",
+        True,
+        "2",
+    )
+    version = client.get_model_version("kseg", "2")
+    assert version.tags["decision"] == "champion"
+    assert version.run_id == run_id and version.tags["run_id"] == run_id
+    assert len(client.search_model_versions("name = 'kseg'")) == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # Using the champion: fresh process, REST server, kseg predict
 # --------------------------------------------------------------------------------------------------
@@ -208,8 +289,6 @@ print(json.dumps({"kseg": kseg.__file__, "n": int(out["n_nuclei"][0])}))
 def test_champion_loads_in_a_fresh_process_and_segments_700x900(
     registry: Path, models: list[Path], tmp_path: Path
 ) -> None:
-    from kseg.segmenter import Segmenter
-
     rgb, _ = _tile(7, 700, 900)
     Image.fromarray(rgb).save(tmp_path / "big.png")
     script = tmp_path / "load.py"
@@ -221,12 +300,12 @@ def test_champion_loads_in_a_fresh_process_and_segments_700x900(
         text=True,
         timeout=300,
         check=False,
-        env={**os.environ, "PYTHONPATH": ""},
+        env=_env(PYTHONPATH=""),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     labels, dist = np.load(tmp_path / "labels.npy"), np.load(tmp_path / "dist.npy")
-    want_labels, want_dist = Segmenter.from_folder(models[0]).segment(rgb)
+    want_labels, want_dist = _segment(models[0], rgb)
     assert labels.shape == (700, 900) and info["n"] == want_labels.max() > 0
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_allclose(dist, want_dist, rtol=0, atol=1e-4)
@@ -237,7 +316,6 @@ def test_champion_loads_in_a_fresh_process_and_segments_700x900(
 def test_mlflow_models_serve_answers_the_documented_request(
     registry: Path, models: list[Path], tmp_path: Path
 ) -> None:
-    from kseg.segmenter import Segmenter
     from kseg.serving import decode_labels, encode_image
 
     port = free_port()
@@ -250,6 +328,7 @@ def test_mlflow_models_serve_answers_the_documented_request(
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=_env(),  # the server execs `uvicorn` by name: the venv's bin must be on PATH
     )
     rgb, _ = _tile(11, 130, 170)
     try:
@@ -267,30 +346,27 @@ def test_mlflow_models_serve_answers_the_documented_request(
         log_file.close()
     assert proc.poll() is not None
     (row,) = answer["predictions"]
-    want, _ = Segmenter.from_folder(models[0]).segment(rgb)
+    want, _ = _segment(models[0], rgb)
     assert row["labels_format"] == "png" and (row["height"], row["width"]) == (130, 170)
     assert row["n_nuclei"] == want.max() and "distance" not in row
     np.testing.assert_array_equal(decode_labels(row["labels"]), want)
 
 
-def test_kseg_predict_from_the_registry(
-    registry: Path, models: list[Path], tmp_path: Path
-) -> None:
+def test_kseg_predict_from_the_registry(registry: Path, models: list[Path], tmp_path: Path) -> None:
     import tifffile
-
-    from kseg.segmenter import Segmenter
-
-    rgb, _ = _tile(13, 90, 120)
-    Image.fromarray(rgb).save(tmp_path / "x.png")
-    out = tmp_path / "out"
-    run_stage_predict = ["predict", str(tmp_path / "x.png"), "--model", "models:/kseg@champion"]
     from typer.testing import CliRunner
 
     from kseg.cli import app
 
-    result = CliRunner().invoke(app, [*run_stage_predict, "--out", str(out)])
+    rgb, _ = _tile(13, 90, 120)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    args = ["predict", str(tmp_path / "x.png"), "--out", str(out)]
+    args += ["--model", "models:/kseg@champion"]
+    with _one_thread():
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    want, _ = Segmenter.from_folder(models[0]).segment(rgb)
+    want, _ = _segment(models[0], rgb)
     np.testing.assert_array_equal(tifffile.imread(out / "x_labels.tif"), want)
 
 
