@@ -206,30 +206,6 @@ def convert_original_cmd(
     typer.echo(f"model folder written to {folder}/")
 
 
-@app.command()
-def register(
-    params: ParamsOpt = Path("params.yaml"),
-    model: Annotated[
-        Path | None, typer.Option(help="Model folder (default: train.out_dir).")
-    ] = None,
-    metrics: Annotated[
-        Path, typer.Option(help="Test metrics of that model.", dir_okay=False)
-    ] = Path("metrics/eval.json"),
-) -> None:
-    """Register the model in MLflow; move the champion alias only if it beats the champion."""
-    cfg = _load(params)
-    _setup_logging()
-    from mlflow.exceptions import MlflowException
-
-    from kseg.registry import register as run_register
-
-    try:
-        report = run_register(cfg, model, metrics)
-    except (OSError, ValueError, MlflowException) as err:
-        _fail(f"register failed: {err}")
-    typer.echo(f"{report['model_uri']}: {report['decision']} ({report['reason']})")
-
-
 # --- pipeline commands ---
 
 
@@ -288,6 +264,30 @@ def evaluate(
         + "  ".join(f"{k} {summary[k]:.4f}" for k in keys)
         + f"  ({summary['n_tiles']} tiles)"
     )
+
+
+@app.command()
+def register(
+    params: ParamsOpt = Path("params.yaml"),
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (default: train.out_dir).")
+    ] = None,
+    metrics: Annotated[
+        Path, typer.Option(help="Test metrics of that model.", dir_okay=False)
+    ] = Path("metrics/eval.json"),
+) -> None:
+    """Register the model in MLflow; move the champion alias only if it beats the champion."""
+    cfg = _load(params)
+    _setup_logging()
+    from mlflow.exceptions import MlflowException
+
+    from kseg.registry import register as run_register
+
+    try:
+        report = run_register(cfg, model, metrics)
+    except (OSError, ValueError, MlflowException) as err:
+        _fail(f"register failed: {err}")
+    typer.echo(f"{report['model_uri']}: {report['decision']} ({report['reason']})")
 
 
 @app.command()
