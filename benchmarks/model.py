@@ -3,7 +3,12 @@
 Run: ``.venv/bin/python benchmarks/model.py [--quick] [--no-tune-allocator]``.
 
 Every row is measured in this run; ratios are against the reference path of the same size.
-``infer`` = one tile, eval mode, no grad; ``train`` = forward+backward, batch 2, train mode.
+``infer`` = one tile, eval mode, no grad; ``train`` = forward+backward, batch 2, train mode; each
+figure is the best of ``--reps`` runs after a warm-up. The load average is printed before and after:
+the figures are only meaningful on an otherwise idle machine.
+Rows use the original wiring (fixes off except the adaptive pooling, mid_channels = 8 x nfeat); with
+``--kseg-default`` each size also gets rows for the kseg default configuration (all fixes on), which
+is ``ModelConfig()`` itself at 256:16.
 The fast path is run with the glibc allocator tuning of ``kseg.model.tune_cpu_allocator``
 (the way kseg trains) unless ``--no-tune-allocator``; the reference path always runs in a child
 process with the default allocator too (``ref*``), the way the original code runs.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +38,16 @@ def _time(fn, reps: int) -> float:
     return best
 
 
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def measure(
     arch: str,
     impl: str,
@@ -41,14 +57,19 @@ def measure(
     device: str = "cpu",
     amp: bool = False,
     channels_last: bool = False,
+    preset: str = "original",
 ) -> dict[str, float]:
     import torch
 
     from kseg.model import build_model
     from kseg.model.config import ModelConfig
 
-    cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat, dice_impl=impl)
-    cfg = cfg.with_(arch=arch, tile_size=tile, fix_aspp_adaptive_pool=True)
+    if preset == "default":
+        cfg = ModelConfig(nfeat=nfeat, mid_channels=8 * nfeat, tile_size=tile, dice_impl=impl)
+    else:
+        cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat, dice_impl=impl)
+        cfg = cfg.with_(tile_size=tile, fix_aspp_adaptive_pool=True)
+    cfg = cfg.with_(arch=arch)
     model = build_model(cfg).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -78,11 +99,13 @@ def child(args: argparse.Namespace) -> None:
         from kseg.model import tune_cpu_allocator
 
         tune_cpu_allocator()
-    res = measure(args.arch, args.impl, args.nfeat, args.tile, args.reps)
+    res = measure(args.arch, args.impl, args.nfeat, args.tile, args.reps, preset=args.preset)
     print(json.dumps(res))
 
 
-def run_child(arch: str, impl: str, nfeat: int, tile: int, reps: int, tune: bool) -> dict:
+def run_child(
+    arch: str, impl: str, nfeat: int, tile: int, reps: int, tune: bool, preset: str = "original"
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -97,6 +120,8 @@ def run_child(arch: str, impl: str, nfeat: int, tile: int, reps: int, tune: bool
         str(tile),
         "--reps",
         str(reps),
+        "--preset",
+        preset,
     ]
     cmd += ["--tune"] if tune else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -112,7 +137,9 @@ def main() -> None:
     ap.add_argument("--impl", default="fast", help=argparse.SUPPRESS)
     ap.add_argument("--nfeat", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--tile", type=int, default=512, help=argparse.SUPPRESS)
-    ap.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=None, help="best of N (default 3, --quick 1)")
+    ap.add_argument("--preset", default="original", help=argparse.SUPPRESS)
+    ap.add_argument("--kseg-default", action="store_true", help="add kseg default-config rows")
     ap.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default=None, help="comma list of tile:nfeat, e.g. 512:32")
     args = ap.parse_args()
@@ -125,7 +152,8 @@ def main() -> None:
         grid = [(256, 8), (256, 32)]
     else:
         grid = [(t, n) for t in (256, 512) for n in (8, 16, 32)]
-    reps = 1 if args.quick else 2
+    reps = args.reps or (1 if args.quick else 3)
+    print(f"load average before: {_load()}  (best of {reps}, torch threads: {_threads()})")
     print(
         "tile nfeat | path                 | infer 1 tile (s) | train b=2 fwd+bwd (s) "
         "| x vs ref (infer, train) | x vs ref* (infer, train)"
@@ -139,14 +167,24 @@ def main() -> None:
             "fast": run_child("kidney_segnet", "fast", nfeat, tile, reps, args.tune_fast),
             "unet": run_child("unet", "fast", nfeat, tile, reps, args.tune_fast),
         }
-        ref, ref0 = rows["ref (tuned malloc)"], rows["ref* (default malloc)"]
+        if args.kseg_default:
+            rows["ref* (kseg default)"] = run_child(
+                "kidney_segnet", "reference", nfeat, tile, reps, False, "default"
+            )
+            rows["fast (kseg default)"] = run_child(
+                "kidney_segnet", "fast", nfeat, tile, reps, args.tune_fast, "default"
+            )
         for name, r in rows.items():
+            dflt = name.endswith("(kseg default)")
+            ref = rows["ref* (kseg default)" if dflt else "ref (tuned malloc)"]
+            ref0 = rows["ref* (kseg default)" if dflt else "ref* (default malloc)"]
             print(
                 f"{tile:4d} {nfeat:5d} | {name:20s} | {r['infer']:16.3f} | {r['train']:21.3f} "
                 f"| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x        "
                 f"| {ref0['infer'] / r['infer']:6.1f}x {ref0['train'] / r['train']:6.1f}x"
             )
         sys.stdout.flush()
+    print(f"load average after: {_load()}")
     try:
         import torch
 

@@ -118,3 +118,61 @@ def test_whole_network_fast_equals_reference(original):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     _compare(ref, fast, [x], train=True)
     _compare(ref, fast, [x], train=False)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "bias"), [(8, 4, 4, True), (9, 3, 3, False)])
+def test_grouped_conv3x3_matches_conv2d_with_gradients(c_in, c_out, groups, bias):
+    from kseg.model.dice import grouped_conv3x3
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c_in, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c_out, c_in // groups, 3, 3, generator=g, dtype=torch.float64)
+    w.requires_grad_()
+    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    ours = grouped_conv3x3(x, w, b, groups)
+    theirs = torch.nn.functional.conv2d(x, w, b, 1, 1, 1, groups)
+    torch.testing.assert_close(ours, theirs)
+    go = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    for o, t in zip(
+        torch.autograd.grad(ours, inputs, go), torch.autograd.grad(theirs, inputs, go), strict=True
+    ):
+        torch.testing.assert_close(o, t)
+
+
+def test_bn_affine_is_eval_batchnorm():
+    from kseg.model.dice import bn_affine
+
+    bn = torch.nn.BatchNorm2d(5).double().eval()
+    _randomize(bn, seed=4)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    s, t = bn_affine(bn)
+    torch.testing.assert_close(x * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1), bn(x))
+
+
+def test_max_pool_without_grad_equals_max_pool2d():
+    from kseg.model.net import _max_pool2
+
+    x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(6)).relu()  # many ties
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        ours, theirs = _max_pool2(x), torch.nn.functional.max_pool2d(x, 2)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("c_in", [8, 16])
+def test_dice_bn_relu_folded_equals_plain(c_in):
+    dice = DiCE(c_in, 8, 12, 12, impl="fast").double().eval()
+    bn = torch.nn.BatchNorm2d(8).double().eval()
+    _randomize(dice, seed=c_in)
+    _randomize(bn, seed=c_in + 1)
+    x = torch.randn(2, c_in, 12, 12, dtype=torch.float64, requires_grad=True)
+    folded = dice.forward_bn_relu(x, bn)
+    plain = torch.relu(bn(dice._forward_reference(x)))
+    _close(folded, plain, "output")
+    g = torch.randn(folded.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    params = [x, *dice.parameters(), *bn.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(folded, params, g), torch.autograd.grad(plain, params, g), strict=True
+    ):
+        _close(a, b, "gradient")

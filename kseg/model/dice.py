@@ -165,67 +165,159 @@ class DiCE(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Fast: same function, no concat/shuffle, transpose-free width conv, folded eval BNs.
     # ------------------------------------------------------------------------------------------
-    def _dimwise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three dimension-wise responses.
+    def _conv_c(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Channel-wise depthwise conv, B x C x H x W (``weight`` may carry a folded BN)."""
+        c, (d_c, _, _) = self.c_in, self.dil
+        if self.k == 1:  # a 1x1 depthwise conv is a per-channel scaling
+            out = x * weight.view(1, c, 1, 1)
+            return out if bias is None else out.add_(bias.view(1, c, 1, 1))
+        return F.conv2d(x, weight, bias, 1, (self.k - 1) // 2 * d_c, d_c, c)
 
-        Returns:
-            ``(out_c, out_h_t, out_w)``: ``out_c`` and ``out_w`` are B x C x H x W; the height-wise
-            response is returned *transposed*, B x C x W x H (contiguous), because that is the
-            layout the conv produces it in, and BatchNorm/PReLU are much faster on it than on
-            a transposed view. The caller transposes it once, when it adds it into the sum.
+    def _conv_h_t(self, x: torch.Tensor) -> torch.Tensor:
+        """Height-wise response *transposed*: B x C x W x H (contiguous, the conv's own layout).
+
+        BatchNorm/PReLU are much faster on it than on a transposed view; the caller transposes
+        it once, when it adds it into the sum.
         """
-        _, c, h, w = x.shape
-        k, (d_c, d_h, d_w) = self.k, self.dil
-        pad = (k - 1) // 2
-        wc, wh, ww = self.conv_channel.weight, self.conv_height.weight, self.conv_width.weight
-        xh, xw = resize_dim(x, self.height, 2), resize_dim(x, self.width, 3)
-        if k == 1:
-            # 1x1 "convs" are per-channel / per-row / per-column scalings.
-            out_c = x * wc.view(1, c, 1, 1)
+        xh, wh, d_h = resize_dim(x, self.height, 2), self.conv_height.weight, self.dil[1]
+        if self.k == 1:
             out_ht = xh.transpose(2, 3) * wh.view(1, 1, 1, self.height)  # B x C x W x H*
+        else:
+            # Make H innermost (one copy); B x H* x C x W is then channels-last.
+            xt = xh.transpose(2, 3).contiguous().permute(0, 3, 1, 2)  # B x H* x C x W
+            pad = (self.k - 1) // 2 * d_h
+            out_ht = F.conv2d(xt, wh, None, 1, pad, d_h, self.height).permute(0, 2, 3, 1)
+        return resize_dim(out_ht, x.shape[2], 3)
+
+    def _conv_h_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Height-wise response as a B x C x H x W *view* of a contiguous B x H x C x W tensor.
+
+        For eval: the copy to B x H x C x W moves whole rows (fast), and elementwise ops between
+        this view and contiguous NCHW tensors keep W innermost on both sides, unlike the
+        transposed layout of :meth:`_conv_h_t`.
+        """
+        xh, wh, d_h = resize_dim(x, self.height, 2), self.conv_height.weight, self.dil[1]
+        if self.k == 1:
+            out = xh.permute(0, 2, 1, 3) * wh.view(1, self.height, 1, 1)  # B x H* x C x W
+        else:
+            pad = (self.k - 1) // 2 * d_h
+            xp = xh.permute(0, 2, 1, 3).contiguous()  # B x H* x C x W
+            out = F.conv2d(xp, wh, None, 1, pad, d_h, self.height)
+        return resize_dim(out.permute(0, 2, 1, 3), x.shape[2], 2)
+
+    def _conv_w(self, x: torch.Tensor) -> torch.Tensor:
+        """Width-wise response, B x C x H x W, without a transpose (channels-last view)."""
+        xw, ww, d_w = resize_dim(x, self.width, 3), self.conv_width.weight, self.dil[2]
+        if self.k == 1:
             out_w = xw * ww.view(1, 1, 1, self.width)
         else:
-            out_c = F.conv2d(x, wc, None, 1, pad * d_c, d_c, c)
-            # Height-wise: make H innermost (one copy); B x H* x C x W is then channels-last.
-            xt = xh.transpose(2, 3).contiguous().permute(0, 3, 1, 2)  # B x H* x C x W
-            out_ht = F.conv2d(xt, wh, None, 1, pad * d_h, d_h, self.height)
-            out_ht = out_ht.permute(0, 2, 3, 1)  # B x C x W x H*
-            # Width-wise: B x W* x C x H is a channels-last *view* of contiguous NCHW.
-            # The kernel's axes are (H, C) in the original; here the plane is (C, H).
-            xv = xw.permute(0, 3, 1, 2)  # B x W* x C x H
-            out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad * d_w, d_w, self.width)
+            # B x W* x C x H is a channels-last *view* of contiguous NCHW. The kernel's axes are
+            # (H, C) in the original; here the plane is (C, H), hence the transposed kernel.
+            xv = xw.permute(0, 3, 1, 2)
+            pad = (self.k - 1) // 2 * d_w
+            out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, self.width)
             out_w = out_w.permute(0, 2, 3, 1)  # B x C x H x W*
-        return out_c, resize_dim(out_ht, h, 3), resize_dim(out_w, w, 3)
+        return resize_dim(out_w, x.shape[3], 3)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._forward_eval(x)
         c = self.c_in
         bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
         wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
         pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
-        out_c, out_ht, out_w = self._dimwise(x)
+        branches = (self._conv_c(x, self.conv_channel.weight), self._conv_h_t(x), self._conv_w(x))
         wa = wa_conv.weight.view(c, 3)  # weight of branch j for channel i (after the shuffle)
         y = None
-        for j, z in enumerate((out_c, out_ht, out_w)):
+        for j, z in enumerate(branches):
             sl = slice(j * c, (j + 1) * c)
-            z = prelu(_batch_norm_slice(z, bn3, sl, self.training), pr3.weight[sl])
+            z = prelu(_batch_norm_slice(z, bn3, sl, True), pr3.weight[sl])
             if j == 1:
                 z = z.transpose(2, 3)  # back to B x C x H x W (the one strided pass)
-            y = (
-                z * wa[:, j].view(1, c, 1, 1)
-                if y is None
-                else y.addcmul_(z, wa[:, j].view(1, c, 1, 1))
-            )
-        y = prelu(_bn(y, wa_bn, self.training), wa_pr.weight)
+            wj = wa[:, j].view(1, c, 1, 1)
+            y = z * wj if y is None else y.addcmul_(z, wj)
+        y = prelu(wa_bn(y), wa_pr.weight)
         gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
-        if self.training:
-            p = pj_bn(F.conv2d(y, pj_conv.weight, None, 1, 1, 1, pj_conv.groups))
-        else:
-            # Fold the eval BatchNorm into the projection conv: one pass instead of two.
-            scale = pj_bn.weight * torch.rsqrt(pj_bn.running_var + pj_bn.eps)
-            bias = pj_bn.bias - pj_bn.running_mean * scale
-            wt = pj_conv.weight * scale.view(-1, 1, 1, 1)
-            p = F.conv2d(y, wt, bias, 1, 1, 1, pj_conv.groups)
+        p = pj_bn(grouped_conv3x3(y, pj_conv.weight, None, pj_conv.groups))
         return prelu(p, pj_pr.weight) * gate
+
+    def _forward_eval(self, x: torch.Tensor, post_bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """Eval-mode forward with every BatchNorm folded into a linear map or a scale/shift.
+
+        The channel branch's BN goes into its depthwise kernel and bias; the height/width
+        branches' BNs act on a spatial axis of their convs, so they become one ``addcmul`` each;
+        the fusion BN scales the 3 -> 1 weights; the projection BN goes into its conv; an external
+        ``post_bn`` (+ ReLU) scales the SE gate. Differentiable, so gradients in eval mode agree.
+        """
+        c = self.c_in
+        bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
+        wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
+        pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
+        s3, t3 = bn_affine(bn3)  # 3C
+        s_wa, t_wa = bn_affine(wa_bn)
+        wa = wa_conv.weight.view(c, 3) * s_wa.view(c, 1)
+        a3 = pr3.weight
+        wc = self.conv_channel.weight * s3[:c].view(c, 1, 1, 1)
+        # y = t_wa + sum_j wa_j * prelu(s_j * z_j + t_j)   (B x C x H x W)
+        z = prelu(self._conv_c(x, wc, t3[:c]), a3[:c])
+        y = torch.addcmul(_col(t_wa), z, _col(wa[:, 0]))
+        z = prelu(torch.addcmul(_col(t3[2 * c :]), self._conv_w(x), _col(s3[2 * c :])), a3[2 * c :])
+        y.addcmul_(z, _col(wa[:, 2]))
+        z = torch.addcmul(_col(t3[c : 2 * c]), self._conv_h_rows(x), _col(s3[c : 2 * c]))
+        y.addcmul_(prelu(z, a3[c : 2 * c]), _col(wa[:, 1]))
+        y = prelu(y, wa_pr.weight)
+        gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
+        s_pj, t_pj = bn_affine(pj_bn)
+        p = grouped_conv3x3(y, pj_conv.weight * s_pj.view(-1, 1, 1, 1), t_pj, pj_conv.groups)
+        if post_bn is None:
+            return prelu(p, pj_pr.weight) * gate
+        s, t = bn_affine(post_bn)
+        return torch.addcmul(_col(t), prelu(p, pj_pr.weight), gate * _col(s)).relu_()
+
+    def forward_bn_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+        """``relu(bn(self(x)))``; in eval mode the fast path folds ``bn`` into the gate."""
+        if self.impl == "fast" and not self.training and not bn.training:
+            if x.dim() != 4 or x.shape[1] != self.c_in:
+                raise ValueError(f"DiCE expects B x {self.c_in} x H x W, got {tuple(x.shape)}")
+            return self._forward_eval(x, bn)
+        return F.relu(bn(self(x)), inplace=True)
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector as a 1 x C x 1 x 1 tensor, for broadcasting over B x C x H x W."""
+    return v.view(1, -1, 1, 1)
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm: ``bn(x) = scale * x + shift``."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.weight is not None:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale, shift
+
+
+def grouped_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1, groups=groups)``, faster when groups narrow C.
+
+    When each group maps r > 1 input channels to one output (a decoder block's 2C -> C
+    projection), oneDNN's grouped kernel is about 3x slower than a depthwise conv over all
+    C_in channels followed by a sum over the r channels of each group (same function).
+    """
+    c_in, c_out = x.shape[1], weight.shape[0]
+    r = c_in // groups
+    if r == 1 or c_out != groups or x.dim() != 4:
+        return F.conv2d(x, weight, bias, 1, 1, 1, groups)
+    kh, kw = weight.shape[-2:]
+    if bias is not None:  # carried by the first channel of each group: the sum adds it once
+        bias = torch.cat((bias.view(-1, 1), bias.new_zeros(c_out, r - 1)), 1).view(-1)
+    out = F.conv2d(x, weight.reshape(c_in, 1, kh, kw), bias, 1, 1, 1, c_in)
+    b, _, h, w = out.shape
+    return out.view(b, c_out, r, h, w).sum(2)
 
 
 class _PReLUFn(torch.autograd.Function):
@@ -259,17 +351,6 @@ def prelu(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _PReLUFn.apply(x, a)
     return F.prelu(x, a)
-
-
-def _bn(x: torch.Tensor, bn: nn.BatchNorm2d, training: bool) -> torch.Tensor:
-    """``bn(x)`` for a 4-D tensor, through the module so that its bookkeeping is kept."""
-    return (
-        bn(x)
-        if training
-        else F.batch_norm(
-            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-        )
-    )
 
 
 def _batch_norm_slice(

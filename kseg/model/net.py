@@ -18,6 +18,19 @@ from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
 
 
+def _max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling; without autograd, the max of four strided views (2-4x faster on CPU).
+
+    With autograd, ``F.max_pool2d`` is kept: its gradient goes to the first maximum of a
+    window, while ``torch.maximum`` splits it between ties (frequent after a ReLU).
+    """
+    if (x.requires_grad and torch.is_grad_enabled()) or x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.max_pool2d(x, 2)
+    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+    torch.maximum(top, x[..., 1::2, 0::2], out=top)
+    return torch.maximum(top, x[..., 1::2, 1::2], out=top)
+
+
 class KidneySegNet(nn.Module):
     """Kidney-SegNet (``dist_dice``) with the named fixes of :class:`ModelConfig`.
 
@@ -69,7 +82,7 @@ class KidneySegNet(nn.Module):
 
     def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """DiCE block ``conv<name>`` followed by its external BatchNorm ``bn<name>`` and ReLU."""
-        return F.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)), inplace=True)
+        return getattr(self, f"conv{name}").forward_bn_relu(x, getattr(self, f"bn{name}"))
 
     def check_input_shape(self, x: torch.Tensor) -> None:
         """Raises ValueError unless ``x`` is B x C x H x W with H, W multiples of 8."""
@@ -99,9 +112,9 @@ class KidneySegNet(nn.Module):
         feats = features if features is not None else {}
         e1 = F.relu(self.bn1a(self.conv1a(x)), inplace=True)
         e1 = self._block("1b", e1)  # B x n x H x W
-        e2 = self._block("2b", self._block("2a", F.max_pool2d(e1, 2)))  # 2n @ H/2
-        e3 = self._block("3b", self._block("3a", F.max_pool2d(e2, 2)))  # 4n @ H/4
-        e4 = self._block("4a", F.max_pool2d(e3, 2))
+        e2 = self._block("2b", self._block("2a", _max_pool2(e1)))  # 2n @ H/2
+        e3 = self._block("3b", self._block("3a", _max_pool2(e2)))  # 4n @ H/4
+        e4 = self._block("4a", _max_pool2(e3))
         raw = self.conv4b(e4)
         feats["conv4b"] = raw
         e4 = F.relu(self.bn4b(raw), inplace=False)  # 8n @ H/8
