@@ -25,6 +25,7 @@ nuclei cut by the crop keep their true distances.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -67,9 +68,17 @@ def hed_jitter(
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _albumentations() -> Any:
+    """Imports albumentations without its update check (an HTTP call to PyPI on every import)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
 def _hed_transform_class() -> type:
     """Builds the albumentations transform class (albumentations is imported lazily)."""
-    import albumentations as A
+    A = _albumentations()
 
     class HEDJitter(A.ImageOnlyTransform):
         """Random stain jitter in HED space: ``hed * U(1-sigma, 1+sigma) + U(-bias, bias)``."""
@@ -138,8 +147,9 @@ class Augmenter:
     """
 
     def __init__(self, cfg: AugmentConfig, seed: int) -> None:
-        import albumentations as A
         import cv2
+
+        A = _albumentations()
 
         self.cfg = cfg
         warp = {
