@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -204,6 +205,28 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _progress_bar(enabled: bool) -> Any:
+    """A rich progress bar over all steps of the run (terminal only; CI gets one line per epoch)."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[rate]:.1f} tiles/s"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
 def _train_epoch(
     params: Params,
     model: torch.nn.Module,
@@ -212,6 +235,7 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     device: torch.device,
     epoch: int,
+    progress: Any = None,
 ) -> dict[str, float]:
     cfg = params.train
     model.train()
@@ -237,6 +261,11 @@ def _train_epoch(
         scaler.update()
         total += loss.item() * len(x)
         count += len(x)
+        if progress is not None:
+            rate = count / max(time.perf_counter() - start, 1e-9)
+            progress.update(
+                progress.task_ids[0], advance=1, epoch=epoch + 1, loss=loss.item(), rate=rate
+            )
     seconds = time.perf_counter() - start
     return {"train_loss": total / max(count, 1), "tiles_per_s": count / max(seconds, 1e-9)}
 
@@ -321,14 +350,25 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     tracker.start(params, str(device), run_id=state.run_id)
     state.run_id = tracker.run_id
     status = "FAILED"
+    bar = _progress_bar(rank == 0 and sys.stderr.isatty())
     try:
+        progress = bar.__enter__()
+        if progress is not None:
+            progress.add_task(
+                "train",
+                total=len(loader) * cfg.epochs,
+                completed=len(loader) * state.epoch,
+                epoch=state.epoch + 1,
+                loss=float("nan"),
+                rate=0.0,
+            )
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(epoch)
             else:
                 sampler.generator.manual_seed(params.seed * 1_000_003 + epoch)
-            row = _train_epoch(params, net, loader, opt, scaler, device, epoch)
+            row = _train_epoch(params, net, loader, opt, scaler, device, epoch, progress)
             sched.step()
             stop = torch.zeros(1)
             if rank == 0:
@@ -368,6 +408,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         status = "FINISHED"
         return summary
     finally:
+        bar.__exit__(None, None, None)
         tracker.end(status)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -384,10 +425,7 @@ def _log_epoch(state: TrainState, row: dict[str, float], epochs: int) -> None:
     parts = [f"epoch {state.epoch}/{epochs}"]
     parts += [f"{k} {v:.4g}" for k, v in row.items()]
     parts.append(f"best epoch {state.best_epoch} ({state.best_score:.4g})")
-    line = "  ".join(parts)
-    log.info(line)
-    if not sys.stderr.isatty():
-        print(line, file=sys.stderr, flush=True)
+    log.info("  ".join(parts))  # one plain line per epoch: readable in CI logs and dvc output
 
 
 def _write_outputs(
