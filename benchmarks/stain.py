@@ -23,8 +23,8 @@ from PIL import Image
 
 from kseg.augment import hed_jitter
 from kseg.config import StainConfig
-from kseg.normalize import patient_spread
-from kseg.stain import StainWarning, fit_normalizer, stain_vectors
+from kseg.normalize import stain_spread
+from kseg.stain import StainWarning, fit_normalizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,12 +105,9 @@ def spread(tiles: dict[str, tuple[str, np.ndarray]]) -> None:
     cfg = StainConfig(method="macenko")
 
     def measure(images: dict[str, tuple[str, np.ndarray]]) -> dict[str, float]:
-        by_patient: dict[str, list[np.ndarray]] = {}
-        for p, img in images.values():
-            he = stain_vectors(img, cfg)
-            if he is not None:
-                by_patient.setdefault(p, []).append(he)
-        return patient_spread(by_patient)
+        return stain_spread(
+            {k: img for k, (_, img) in images.items()}, {k: p for k, (p, _) in images.items()}, cfg
+        )
 
     print(f"\nper-patient mean stain-vector spread, {len(tiles)} tiles, {len(patients)} patients")
     print(f"{'method':<10} {'H (deg)':>8} {'E (deg)':>8}")

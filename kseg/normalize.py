@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from kseg.config import Params, StainConfig
 from kseg.fsutil import atomic_dir, atomic_write_text
+from kseg.plots import overlay
 from kseg.stain import StainNormalizer, StainWarning, fit_normalizer, save_stain, stain_vectors
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,10 @@ def patient_spread(
     return out
 
 
-def _spread_of(
+def stain_spread(
     images: dict[str, NDArray[np.uint8]], patients: dict[str, str], cfg: StainConfig
 ) -> dict[str, float]:
+    """:func:`patient_spread` of the Macenko stain vectors of ``images`` (tile id -> RGB)."""
     by_patient: dict[str, list[NDArray[np.float64]]] = {}
     for tile_id, img in images.items():
         he = stain_vectors(img, cfg)
@@ -119,15 +121,6 @@ def _spread_of(
 
 CELL = 192  # pixels per tile in report.png
 CAPTION = 14  # caption band height
-
-
-def outline(rgb: NDArray[np.uint8], labels: NDArray[np.integer]) -> NDArray[np.uint8]:
-    """The image with every instance's boundary drawn in bright green."""
-    from skimage.segmentation import find_boundaries
-
-    out = rgb.copy()
-    out[find_boundaries(labels, mode="inner")] = (0, 255, 0)
-    return out
 
 
 def _cell(rgb: NDArray[np.uint8], caption: str) -> Image.Image:
@@ -176,10 +169,10 @@ def _report(
         with Image.open(prepared / "labels" / f"{tile}.png") as lab:
             labels = np.asarray(lab).astype(np.int32)
         aug = build_augmentation(params.augment, params.seed)
-        samples = [(outline(image, labels), f"{tile} input")]
+        samples = [(overlay(image, labels), f"{tile} input")]
         for k in range(max(3, len(shown) - 1)):
             img_k, lab_k = aug(image, labels, np.random.default_rng([params.seed, k]))
-            samples.append((outline(img_k, lab_k), f"augmented {k + 1}"))
+            samples.append((overlay(img_k, lab_k), f"augmented {k + 1}"))
         rows.append(samples)
     return report_grid(rows)
 
@@ -285,8 +278,8 @@ def run_normalize(params: Params) -> dict[str, Any]:
         "fit_seconds": round(fit_s, 4),
         "tiles_per_second": round(len(all_ids) / max(transform_s, 1e-9), 2),
     }
-    b = _spread_of(before, patients, cfg)
-    a = b if normalizer.method == "none" else _spread_of(after, patients, cfg)
+    b = stain_spread(before, patients, cfg)
+    a = b if normalizer.method == "none" else stain_spread(after, patients, cfg)
     metrics.update(
         {
             "spread_h_deg_before": round(b["h_deg"], 3),

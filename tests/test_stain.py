@@ -20,14 +20,13 @@ from kseg.data.synthetic import (
     patient_stain,
     render_tile,
 )
-from kseg.normalize import patient_spread
+from kseg.normalize import stain_spread
 from kseg.stain import (
     StainNormalizer,
     StainWarning,
     fit_normalizer,
     load_stain,
     save_stain,
-    stain_vectors,
 )
 
 METHODS = ("reinhard", "macenko")
@@ -234,12 +233,9 @@ def test_normalization_shrinks_per_patient_stain_spread_on_tnbc(tnbc: dict) -> N
     cfg = StainConfig(method="macenko")
 
     def spread(images: dict[str, tuple[str, np.ndarray]]) -> dict[str, float]:
-        by_patient: dict[str, list[np.ndarray]] = {}
-        for p, img in images.values():
-            he = stain_vectors(img, cfg)
-            if he is not None:
-                by_patient.setdefault(p, []).append(he)
-        return patient_spread(by_patient)
+        return stain_spread(
+            {k: img for k, (_, img) in images.items()}, {k: p for k, (p, _) in images.items()}, cfg
+        )
 
     before = spread(tnbc)
     results = {"none": before}
