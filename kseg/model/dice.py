@@ -16,14 +16,15 @@ names, see :mod:`kseg.model.compat`):
   tensor so that rows (columns) become channels, run a grouped conv and transpose back; the three
   responses are concatenated and shuffled. Slow: four full copies, a 3C-channel concat and grouped
   convs with hundreds of groups on a layout oneDNN has no fast kernel for.
-* ``fast``: no transposes for the width-wise conv and one for the height-wise conv. For
-  ``x`` contiguous in B x C x H x W, ``x.permute(0, 3, 1, 2)`` is a *channels-last* tensor of
-  logical shape B x W x C x H, so the width-wise conv is an ordinary depthwise conv (groups = W)
-  that oneDNN runs in its vectorised NHWC kernel, on a view, with no copy. The height-wise conv
-  needs H innermost, which costs one transpose. The three branches are never concatenated: the
-  3C-channel BatchNorm/PReLU is applied per branch on slices of its parameters, and the shuffle
-  plus grouped 1x1 conv is a per-channel weighted sum of the three branches. In eval mode the
-  BatchNorms that follow linear maps are folded into them.
+* ``fast``: no transposes. For ``x`` contiguous in B x C x H x W, ``x.permute(0, 3, 1, 2)`` is a
+  *channels-last* tensor of logical shape B x W x C x H, so the width-wise conv is an ordinary
+  depthwise conv (groups = W) that oneDNN runs in its vectorised NHWC kernel, on a view, with no
+  copy. The height-wise conv reads a B x H x C x W copy (whole rows move, cheap) and its response
+  stays in that layout: BatchNorm/PReLU treat it as the (B*H) x C x W tensor it is in memory.
+  The three branches are never concatenated: the 3C-channel BatchNorm/PReLU is applied per branch
+  on slices of its parameters, and the shuffle plus grouped 1x1 conv is a per-channel weighted
+  sum of the three branches. Train-mode BatchNorm(+PReLU) is :func:`kseg.model.ops.batch_norm_act`;
+  in eval mode the BatchNorms that follow linear maps are folded into them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kseg.model.ops import batch_norm_act, bn_affine, grouped_conv3x3, prelu
+from kseg.model.ops import col as _col
 
 
 class _BR(nn.Module):
@@ -173,28 +177,12 @@ class DiCE(nn.Module):
             return out if bias is None else out.add_(bias.view(1, c, 1, 1))
         return F.conv2d(x, weight, bias, 1, (self.k - 1) // 2 * d_c, d_c, c)
 
-    def _conv_h_t(self, x: torch.Tensor) -> torch.Tensor:
-        """Height-wise response *transposed*: B x C x W x H (contiguous, the conv's own layout).
-
-        BatchNorm/PReLU are much faster on it than on a transposed view; the caller transposes
-        it once, when it adds it into the sum.
-        """
-        xh, wh, d_h = resize_dim(x, self.height, 2), self.conv_height.weight, self.dil[1]
-        if self.k == 1:
-            out_ht = xh.transpose(2, 3) * wh.view(1, 1, 1, self.height)  # B x C x W x H*
-        else:
-            # Make H innermost (one copy); B x H* x C x W is then channels-last.
-            xt = xh.transpose(2, 3).contiguous().permute(0, 3, 1, 2)  # B x H* x C x W
-            pad = (self.k - 1) // 2 * d_h
-            out_ht = F.conv2d(xt, wh, None, 1, pad, d_h, self.height).permute(0, 2, 3, 1)
-        return resize_dim(out_ht, x.shape[2], 3)
-
     def _conv_h_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Height-wise response as a B x C x H x W *view* of a contiguous B x H x C x W tensor.
 
-        For eval: the copy to B x H x C x W moves whole rows (fast), and elementwise ops between
-        this view and contiguous NCHW tensors keep W innermost on both sides, unlike the
-        transposed layout of :meth:`_conv_h_t`.
+        The copy to B x H x C x W moves whole rows (4 ms at 2 x 32 x 512^2, a transpose that
+        puts H innermost takes 19 ms), and elementwise ops between this view and contiguous NCHW
+        tensors keep W innermost on both sides (an add through a transposed view costs ~4x).
         """
         xh, wh, d_h = resize_dim(x, self.height, 2), self.conv_height.weight, self.dil[1]
         if self.k == 1:
@@ -226,20 +214,22 @@ class DiCE(nn.Module):
         bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
         wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
         pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
-        branches = (self._conv_c(x, self.conv_channel.weight), self._conv_h_t(x), self._conv_w(x))
+        branches = (
+            self._conv_c(x, self.conv_channel.weight),
+            self._conv_h_rows(x),
+            self._conv_w(x),
+        )
         wa = wa_conv.weight.view(c, 3)  # weight of branch j for channel i (after the shuffle)
         y = None
         for j, z in enumerate(branches):
             sl = slice(j * c, (j + 1) * c)
-            z = prelu(_batch_norm_slice(z, bn3, sl, True), pr3.weight[sl])
-            if j == 1:
-                z = z.transpose(2, 3)  # back to B x C x H x W (the one strided pass)
-            wj = wa[:, j].view(1, c, 1, 1)
+            z = _bn_prelu_any_layout(z, bn3, pr3.weight[sl], sl)
+            wj = _col(wa[:, j])
             y = z * wj if y is None else y.addcmul_(z, wj)
-        y = prelu(wa_bn(y), wa_pr.weight)
+        y = batch_norm_act(y, wa_bn, "prelu", wa_pr.weight)
         gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
-        p = pj_bn(grouped_conv3x3(y, pj_conv.weight, None, pj_conv.groups))
-        return prelu(p, pj_pr.weight) * gate
+        p = grouped_conv3x3(y, pj_conv.weight, None, pj_conv.groups)
+        return batch_norm_act(p, pj_bn, "prelu", pj_pr.weight) * gate
 
     def _forward_eval(self, x: torch.Tensor, post_bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """Eval-mode forward with every BatchNorm folded into a linear map or a scale/shift.
@@ -280,94 +270,23 @@ class DiCE(nn.Module):
             if x.dim() != 4 or x.shape[1] != self.c_in:
                 raise ValueError(f"DiCE expects B x {self.c_in} x H x W, got {tuple(x.shape)}")
             return self._forward_eval(x, bn)
+        if self.impl == "fast":
+            return batch_norm_act(self(x), bn, "relu")
         return F.relu(bn(self(x)), inplace=True)
 
 
-def _col(v: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector as a 1 x C x 1 x 1 tensor, for broadcasting over B x C x H x W."""
-    return v.view(1, -1, 1, 1)
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm: ``bn(x) = scale * x + shift``."""
-    if bn.running_var is None or bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
-    if bn.weight is not None:
-        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-    return scale, shift
-
-
-def grouped_conv3x3(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+def _bn_prelu_any_layout(
+    z: torch.Tensor, bn: nn.BatchNorm2d, a: torch.Tensor, sl: slice
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1, groups=groups)``, faster when groups narrow C.
+    """``prelu(bn(z))`` with channels ``sl`` of ``bn``; a rows-layout ``z`` stays in its layout.
 
-    When each group maps r > 1 input channels to one output (a decoder block's 2C -> C
-    projection), oneDNN's grouped kernel is about 3x slower than a depthwise conv over all
-    C_in channels followed by a sum over the r channels of each group (same function).
+    ``z`` is B x C x H x W, either contiguous or a view of a contiguous B x H x C x W tensor
+    (the height-wise branch). The latter is normalised as the (B*H) x C x W tensor it is in
+    memory: same per-channel statistics, no copy.
     """
-    c_in, c_out = x.shape[1], weight.shape[0]
-    r = c_in // groups
-    if r == 1 or c_out != groups or x.dim() != 4:
-        return F.conv2d(x, weight, bias, 1, 1, 1, groups)
-    kh, kw = weight.shape[-2:]
-    if bias is not None:  # carried by the first channel of each group: the sum adds it once
-        bias = torch.cat((bias.view(-1, 1), bias.new_zeros(c_out, r - 1)), 1).view(-1)
-    out = F.conv2d(x, weight.reshape(c_in, 1, kh, kw), bias, 1, 1, 1, c_in)
-    b, _, h, w = out.shape
-    return out.view(b, c_out, r, h, w).sum(2)
-
-
-class _PReLUFn(torch.autograd.Function):
-    """PReLU with a faster CPU backward than ATen's ``_prelu_kernel_backward``.
-
-    ATen's backward of a per-channel PReLU materialises a per-element weight gradient and is the
-    single most expensive op of a DiCE block's backward (about 5x a plain elementwise pass). Here:
-    ``gx = lerp(a*g, g, 1-a)`` restricted to x > 0 via ``threshold_backward`` (two passes), and
-    ``ga[c] = sum g * min(x, 0)`` as a dot product per (batch, channel) row.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, a)
-        return torch._prelu_kernel(x, a.view(1, -1, *([1] * (x.dim() - 2))))
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, a = ctx.saved_tensors
-        av = a.view(1, -1, *([1] * (x.dim() - 2)))
-        pos = torch.ops.aten.threshold_backward(g, x, 0.0)  # g where x > 0, else 0
-        gx = torch.lerp(g, pos, 1.0 - av)  # a*g + (1-a)*pos
-        neg = x.clamp(max=0.0)
-        b, ch = x.shape[0], x.shape[1]
-        ga = torch.linalg.vecdot(g.reshape(b, ch, -1), neg.reshape(b, ch, -1)).sum(0)
-        return gx, ga
-
-
-def prelu(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Per-channel PReLU (channel = dim 1), same values and gradients as ``F.prelu``."""
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
-        return _PReLUFn.apply(x, a)
-    return F.prelu(x, a)
-
-
-def _batch_norm_slice(
-    x: torch.Tensor, bn: nn.BatchNorm2d, sl: slice, training: bool
-) -> torch.Tensor:
-    """Applies channels ``sl`` of a wider BatchNorm to ``x`` (running stats updated in place).
-
-    The original normalises the concatenated 3C-channel tensor; BatchNorm is per channel, so
-    normalising each C-channel branch with its slice of the parameters is the same function.
-    ``num_batches_tracked`` is advanced once per forward by the caller's first slice.
-    """
-    rm = bn.running_mean[sl] if bn.running_mean is not None else None
-    rv = bn.running_var[sl] if bn.running_var is not None else None
-    use_batch = training or rm is None
-    if training and bn.track_running_stats and sl.start == 0:
-        bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 0.0
-    return F.batch_norm(
-        x, rm, rv, bn.weight[sl], bn.bias[sl], use_batch, momentum if training else 0.0, bn.eps
-    )
+    b, c, h, w = z.shape
+    rows = z.permute(0, 2, 1, 3)
+    if z.is_contiguous() or not rows.is_contiguous():
+        return batch_norm_act(z, bn, "prelu", a, sl)
+    out = batch_norm_act(rows.view(b * h, c, w), bn, "prelu", a, sl)
+    return out.view(b, h, c, w).permute(0, 2, 1, 3)
