@@ -16,6 +16,7 @@ from torch import nn
 from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
 from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
+from kseg.model.ops import batch_norm_act, conv1x1
 
 
 def _max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,7 @@ class KidneySegNet(nn.Module):
         widths = (n, 2 * n, 4 * n, 8 * n)
         sizes = (t, t // 2, t // 4, t // 8)
         self.concat_up = cfg.fix_decoder_concat_upsampled
+        self.fast = impl == "fast"
 
         def dice(name: str, c_in: int, c_out: int, size: int) -> None:
             self.add_module(f"conv{name}", DiCE(c_in, c_out, size, size, impl=impl))
@@ -75,10 +77,16 @@ class KidneySegNet(nn.Module):
             if build_up:
                 up = nn.ConvTranspose2d(c_deep, c_skip, 3, stride=2, padding=1, output_padding=1)
                 self.add_module(f"upconv{i + 1}", up)
-            self.add_module(f"att{i + 1}", AttentionGate(c_skip, c_deep, c_skip))
+            self.add_module(f"att{i + 1}", AttentionGate(c_skip, c_deep, c_skip, impl))
             dice(f"{name}a", (2 + extra) * c_skip, c_skip, sizes[lvl])
             dice(f"{name}b", c_skip, c_skip, sizes[lvl])
         self.seg_map_conv = nn.Conv2d(n, 1, 1)
+
+    def _bn_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+        """``relu(bn(x))``, without modifying ``x`` (it may be a returned feature)."""
+        if self.fast:
+            return batch_norm_act(x, bn, "relu")
+        return F.relu(bn(x))
 
     def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """DiCE block ``conv<name>`` followed by its external BatchNorm ``bn<name>`` and ReLU."""
@@ -110,14 +118,15 @@ class KidneySegNet(nn.Module):
         """
         self.check_input_shape(x)
         feats = features if features is not None else {}
-        e1 = F.relu(self.bn1a(self.conv1a(x)), inplace=True)
+        pool = _max_pool2 if self.fast else (lambda t: F.max_pool2d(t, 2))
+        e1 = self._bn_relu(self.conv1a(x), self.bn1a)
         e1 = self._block("1b", e1)  # B x n x H x W
-        e2 = self._block("2b", self._block("2a", _max_pool2(e1)))  # 2n @ H/2
-        e3 = self._block("3b", self._block("3a", _max_pool2(e2)))  # 4n @ H/4
-        e4 = self._block("4a", _max_pool2(e3))
+        e2 = self._block("2b", self._block("2a", pool(e1)))  # 2n @ H/2
+        e3 = self._block("3b", self._block("3a", pool(e2)))  # 4n @ H/4
+        e4 = self._block("4a", pool(e3))
         raw = self.conv4b(e4)
         feats["conv4b"] = raw
-        e4 = F.relu(self.bn4b(raw), inplace=False)  # 8n @ H/8
+        e4 = self._bn_relu(raw, self.bn4b)  # 8n @ H/8
         d = self.aspp(e4)
         feats["aspp"] = d
         for i, (skip, name) in enumerate(((e3, "6"), (e2, "7"), (e1, "8"))):
@@ -129,5 +138,7 @@ class KidneySegNet(nn.Module):
             d = self._block(f"{name}a", torch.cat(parts, 1))
             raw = getattr(self, f"conv{name}b")(d)
             feats[f"conv{name}b"] = raw
-            d = F.relu(getattr(self, f"bn{name}b")(raw), inplace=False)
+            d = self._bn_relu(raw, getattr(self, f"bn{name}b"))
+        if self.fast:
+            return F.relu(conv1x1(d, self.seg_map_conv.weight, self.seg_map_conv.bias))
         return F.relu(self.seg_map_conv(d))

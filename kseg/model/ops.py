@@ -79,8 +79,9 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if x.dim() != 4 or weight.shape[2:] != (1, 1) or (c_in != 1 and c_out != 1):
         return F.conv2d(x, weight, bias)
     if c_in == 1:  # rank-1: out[b, o] = w[o] * x[b, 0] + bias[o]
-        out = x * col(weight.view(c_out))
-        return out if bias is None else out + col(bias)
+        if bias is None:
+            return x * col(weight.view(c_out))
+        return torch.addcmul(col(bias), x, col(weight.view(c_out)))
     b, _, h, w = x.shape
     # 1 x C_in times B x C_in x HW: a matrix-vector product per image.
     out = torch.matmul(weight.view(1, c_in), x.reshape(b, c_in, h * w)).view(b, 1, h, w)
