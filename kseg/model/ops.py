@@ -128,10 +128,15 @@ def prelu(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return F.prelu(x, a)
 
 
-def _batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean, biased variance and ``1/sqrt(var + eps)`` of B x C x ... (float64).
+def _batch_stats(
+    x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-channel mean, biased variance, ``1/sqrt(var + eps)`` (float64) of B x C x ....
 
-    Per-(batch, channel) row sums and norms are float32 cascade sums; they are combined in float64.
+    Per-(batch, channel) row sums and norms are float32 cascade sums, combined in float64. When
+    the mean dwarfs the spread, the variance is recomputed from ``x - mean``, which is returned
+    (as the fourth value, else None) so that the normalisation is applied to it as well: ``x *
+    scale + shift`` would lose the small differences to rounding at the magnitude of ``x``.
     """
     b, c = x.shape[:2]
     rows = x.reshape(b, c, -1)
@@ -139,10 +144,18 @@ def _batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     mean = rows.sum(-1).double().sum(0) / n
     var = torch.linalg.vector_norm(rows, dim=-1).double().square().sum(0) / n - mean.square()
     var = var.clamp_min(0.0)
+    centred = None
     if bool((mean.square() > _CANCELLATION_RATIO * var).any()):
-        centred = rows - mean.to(x.dtype).view(1, c, 1)
-        var = torch.linalg.vector_norm(centred, dim=-1).double().square().sum(0) / n
-    return mean, var, torch.rsqrt(var + eps)
+        # Two-pass mean: the float32 sums of large values are off by more than the spread here,
+        # so the mean is refined with the (accurate) mean of x - mean.
+        m32 = mean.to(x.dtype)
+        centred = x - col(m32, x.dim())
+        cr = centred.reshape(b, c, -1)
+        corr = cr.sum(-1).double().sum(0) / n
+        mean = m32.double() + corr
+        centred.sub_(col(corr.to(x.dtype), x.dim()))
+        var = torch.linalg.vector_norm(cr, dim=-1).double().square().sum(0) / n
+    return mean, var, torch.rsqrt(var + eps), centred
 
 
 class _BatchNormActFn(torch.autograd.Function):
@@ -162,7 +175,7 @@ class _BatchNormActFn(torch.autograd.Function):
         act: str,
     ) -> torch.Tensor:
         x = x.contiguous()
-        mean, var, invstd = _batch_stats(x, eps)
+        mean, var, invstd, centred = _batch_stats(x, eps)
         n = x.numel() // x.shape[1]
         if running_mean is not None and running_var is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
@@ -170,7 +183,11 @@ class _BatchNormActFn(torch.autograd.Function):
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         scale = invstd if weight is None else invstd * weight.double()
         shift = -mean * scale if bias is None else bias.double() - mean * scale
-        u = torch.addcmul(col(shift.to(x.dtype), x.dim()), x, col(scale.to(x.dtype), x.dim()))
+        if centred is None:
+            u = torch.addcmul(col(shift.to(x.dtype), x.dim()), x, col(scale.to(x.dtype), x.dim()))
+        else:
+            shift = torch.zeros_like(mean) if bias is None else bias.double()
+            u = centred.mul_(col(scale.to(x.dtype), x.dim())).add_(col(shift.to(x.dtype), x.dim()))
         mean, invstd = mean.to(x.dtype), invstd.to(x.dtype)
         ctx.act, ctx.eps = act, eps
         if act == "relu":
@@ -235,11 +252,11 @@ def batch_norm_act(
         raise ValueError(
             f"BatchNorm needs more than 1 value per channel when training, got {tuple(x.shape)}"
         )
-    momentum = bn.momentum if bn.momentum is not None else 0.0
     if bn.training and bn.track_running_stats and (sl.start or 0) == 0:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm does
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = bn.momentum if bn.momentum is not None else 0.0
+    if bn.momentum is None and bn.training and bn.track_running_stats:
+        momentum = 1.0 / float(bn.num_batches_tracked)  # cumulative average, as nn.BatchNorm
     if not bn.training:  # no running stats and eval mode: batch statistics, nothing updated
         rm = rv = None
     return _BatchNormActFn.apply(x, weight, bias, prelu_weight, rm, rv, momentum, bn.eps, act)
