@@ -1,17 +1,24 @@
 """Forward and forward+backward time of KidneySegNet (fast vs reference DiCE) and the U-Net.
 
-Run: ``.venv/bin/python benchmarks/model.py [--quick] [--no-tune-allocator]``.
+Run: ``.venv/bin/python benchmarks/model.py [--quick] [--sizes 512:32] [--no-tune-allocator]``.
 
 Every row is measured in this run; ratios are against the reference path of the same size.
 ``infer`` = one tile, eval mode, no grad; ``train`` = forward+backward, batch 2, train mode; each
-figure is the best of ``--reps`` runs after a warm-up. The load average is printed before and after:
-the figures are only meaningful on an otherwise idle machine.
+figure is the best of ``--reps`` runs after a warm-up, each path in its own process. The load
+average is printed before and after: the figures are only meaningful on an otherwise idle machine.
 Rows use the original wiring (fixes off except the adaptive pooling, mid_channels = 8 x nfeat); with
 ``--kseg-default`` each size also gets rows for the kseg default configuration (all fixes on), which
 is ``ModelConfig()`` itself at 256:16.
-The fast path is run with the glibc allocator tuning of ``kseg.model.tune_cpu_allocator``
-(the way kseg trains) unless ``--no-tune-allocator``; the reference path always runs in a child
-process with the default allocator too (``ref*``), the way the original code runs.
+
+* ``reference (as it runs)``: the line-by-line port with the default glibc allocator, i.e. the
+  original code as it runs (the baseline of the ratios);
+* ``reference, tuned malloc``: the same with ``kseg.model.tune_cpu_allocator`` (second ratio);
+* ``fast``: kseg's path, with the allocator tuning (the way kseg trains and predicts) unless
+  ``--no-tune-allocator``;
+* ``floor``: what a fully fused implementation could reach on this machine now: the bytes it must
+  move (see :func:`traffic_floor`) at the measured copy bandwidth, and the MACs at the measured
+  GEMM rate.
+
 GPU columns (fp32, AMP, channels_last) are added when CUDA is available.
 """
 
@@ -94,6 +101,62 @@ def measure(
     return {"infer": _time(infer, reps), "train": _time(train, reps)}
 
 
+def machine_rates() -> dict[str, float]:
+    """Copy bandwidth (bytes/s, read + write) and float32 GEMM throughput (MAC/s), measured now."""
+    import torch
+
+    x = torch.randn(64 << 20)  # 256 MiB: far beyond the caches
+    y = torch.empty_like(x)
+    t_copy = _time(lambda: y.copy_(x), 5)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t_mm = _time(lambda: a @ b, 5)
+    return {"bandwidth": 2 * x.numel() * 4 / t_copy, "macs_per_s": 2048**3 / t_mm}
+
+
+def traffic_floor(nfeat: int, tile: int) -> dict[str, float]:
+    """Bytes a fully fused implementation must move for one tile's forward pass, and its MACs.
+
+    Model (float32): every DiCE block reads its input twice (the SE gate needs the global mean
+    of the fused response before the projection can be finished, so the response is recomputed
+    or stored and re-read) and writes its output once; every other stage (first conv, pooling,
+    attention gate, pyramid pooling's 1x1 conv, head) reads its inputs and writes its output
+    once. A training step (forward + backward) is taken as 3x the forward traffic: the forward
+    writes what the backward reads, and the backward reads activations and gradients and writes
+    input gradients. Compute: 2 FLOPs per MAC of the convolutions (kseg.model.model_info).
+    """
+    import torch
+
+    from kseg.model import build_model, model_info
+    from kseg.model.blocks import AttentionGate
+    from kseg.model.config import ModelConfig
+    from kseg.model.dice import DiCE
+
+    cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat)
+    cfg = cfg.with_(tile_size=tile, fix_aspp_adaptive_pool=True, dice_impl="reference")
+    model = build_model(cfg).eval()
+    total = {"bytes": 0}
+
+    def nbytes(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+    def hook(mod, inp, out) -> None:
+        reads = 2 if isinstance(mod, DiCE) else 1
+        total["bytes"] += reads * nbytes(inp) + nbytes([out])
+
+    stages = [m for m in model.modules() if isinstance(m, DiCE | AttentionGate)]
+    stages += [model.conv1a, model.seg_map_conv, model.aspp.final_layer]
+    handles = [m.register_forward_hook(hook) for m in stages]
+    # Max pooling of the three encoder levels: read the level, write a quarter of it.
+    total["bytes"] += sum(4 * (nfeat << i) * (tile >> i) ** 2 * 5 // 4 for i in range(3))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, tile, tile))
+    finally:
+        for h in handles:
+            h.remove()
+    return {"bytes": float(total["bytes"]), "macs": float(model_info(cfg, tile)["macs"])}
+
+
 def child(args: argparse.Namespace) -> None:
     if args.tune:
         from kseg.model import tune_cpu_allocator
@@ -154,35 +217,53 @@ def main() -> None:
         grid = [(t, n) for t in (256, 512) for n in (8, 16, 32)]
     reps = args.reps or (1 if args.quick else 3)
     print(f"load average before: {_load()}  (best of {reps}, torch threads: {_threads()})")
+    rates = machine_rates()
     print(
-        "tile nfeat | path                 | infer 1 tile (s) | train b=2 fwd+bwd (s) "
-        "| x vs ref (infer, train) | x vs ref* (infer, train)"
+        f"machine now: copy bandwidth {rates['bandwidth'] / 1e9:.1f} GB/s (read + write), "
+        f"float32 GEMM {rates['macs_per_s'] / 1e9:.0f} GMAC/s"
+    )
+    print(
+        "tile nfeat | path                    | infer 1 tile (s) | train b=2 fwd+bwd (s) "
+        "| x vs reference (infer, train) | x vs reference, tuned malloc"
     )
     for tile, nfeat in grid:
         rows = {
-            "ref* (default malloc)": run_child(
+            "reference (as it runs)": run_child(
                 "kidney_segnet", "reference", nfeat, tile, reps, False
             ),
-            "ref (tuned malloc)": run_child("kidney_segnet", "reference", nfeat, tile, reps, True),
+            "reference, tuned malloc": run_child(
+                "kidney_segnet", "reference", nfeat, tile, reps, True
+            ),
             "fast": run_child("kidney_segnet", "fast", nfeat, tile, reps, args.tune_fast),
-            "unet": run_child("unet", "fast", nfeat, tile, reps, args.tune_fast),
+            "U-Net (same widths)": run_child("unet", "fast", nfeat, tile, reps, args.tune_fast),
         }
         if args.kseg_default:
-            rows["ref* (kseg default)"] = run_child(
+            rows["reference, kseg default"] = run_child(
                 "kidney_segnet", "reference", nfeat, tile, reps, False, "default"
             )
-            rows["fast (kseg default)"] = run_child(
+            rows["fast, kseg default"] = run_child(
                 "kidney_segnet", "fast", nfeat, tile, reps, args.tune_fast, "default"
             )
+        floor = traffic_floor(nfeat, tile)
+        t_mem = floor["bytes"] / rates["bandwidth"]
+        t_mac = floor["macs"] / rates["macs_per_s"]
+        rows["floor: memory traffic"] = {"infer": t_mem, "train": 3 * 2 * t_mem}
+        rows["floor: compute (GEMM)"] = {"infer": t_mac, "train": 3 * 2 * t_mac}
         for name, r in rows.items():
-            dflt = name.endswith("(kseg default)")
-            ref = rows["ref* (kseg default)" if dflt else "ref (tuned malloc)"]
-            ref0 = rows["ref* (kseg default)" if dflt else "ref* (default malloc)"]
+            dflt = name.endswith("kseg default")
+            ref0 = rows["reference, kseg default" if dflt else "reference (as it runs)"]
+            ref = rows["reference, kseg default" if dflt else "reference, tuned malloc"]
             print(
-                f"{tile:4d} {nfeat:5d} | {name:20s} | {r['infer']:16.3f} | {r['train']:21.3f} "
-                f"| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x        "
+                f"{tile:4d} {nfeat:5d} | {name:23s} | {r['infer']:16.3f} | {r['train']:21.3f} "
                 f"| {ref0['infer'] / r['infer']:6.1f}x {ref0['train'] / r['train']:6.1f}x"
+                f"{'':14s}| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x"
             )
+        fast = rows["fast"]
+        print(
+            f"{tile:4d} {nfeat:5d} | fast / memory floor: infer {fast['infer'] / t_mem:.1f}x, "
+            f"train {fast['train'] / (6 * t_mem):.1f}x "
+            f"({floor['bytes'] / 2**20:.0f} MiB per tile forward, {floor['macs'] / 1e9:.2f} GMACs)"
+        )
         sys.stdout.flush()
     print(f"load average after: {_load()}")
     try:

@@ -149,3 +149,10 @@ def test_attention_gate_rejects_mismatched_sizes():
     gate = AttentionGate(4, 8, 4)
     with pytest.raises(ValueError, match="attention gate: skip is"):
         gate(torch.randn(1, 4, 10, 10), torch.randn(1, 8, 4, 4))
+
+
+def test_batch_norm_act_reduced_precision_uses_the_plain_ops():
+    x = torch.randn(2, 4, 6, 6, generator=_gen(17)).bfloat16()
+    bn, ref = torch.nn.BatchNorm2d(4).train(), torch.nn.BatchNorm2d(4).train()
+    torch.testing.assert_close(batch_norm_act(x, bn, "relu"), F.relu(ref(x)))
+    torch.testing.assert_close(bn.running_var, ref.running_var)

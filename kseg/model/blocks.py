@@ -57,6 +57,7 @@ class DiCEPyramidPooling(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.adaptive_pool, self.n_branches = size, adaptive_pool, len(rates) + 1
+        self.impl = impl
         self.branch1 = DiCE(c_in, mid, size, size, kernel_size=1, impl=impl)
         for i, r in enumerate(rates):
             self.add_module(f"branch{i + 2}", DiCE(c_in, mid, size, size, 3, (r, r, r), impl))
@@ -74,8 +75,20 @@ class DiCEPyramidPooling(nn.Module):
         # Image pooling: B x C x 1 x 1, broadcast back. Bilinear upsampling of a 1x1 map with
         # align_corners=True (the original's UpsamplingBilinear2d) is exactly this broadcast.
         pooled = x.mean((2, 3), keepdim=True)
-        outs.append(pooled.expand(-1, -1, h, w))
-        return self.final_layer(torch.cat(outs, 1))
+        if self.impl != "fast":
+            outs.append(pooled.expand(-1, -1, h, w))
+            return self.final_layer(torch.cat(outs, 1))
+        # Fast: the 1x1 conv's columns for the broadcast pooled channels act on a constant
+        # image, so they are a per-image bias; the rest is one GEMM over the branch outputs.
+        b, c = x.shape[:2]
+        branches = torch.cat(outs, 1)  # B x n*mid x h x w
+        k = branches.shape[1]
+        weight = self.final_layer.weight.view(c, k + c)
+        bias = torch.addmm(self.final_layer.bias, pooled.view(b, c), weight[:, k:].t())  # B x C
+        out = torch.baddbmm(
+            bias.unsqueeze(-1), weight[:, :k].expand(b, c, k), branches.view(b, k, h * w)
+        )
+        return out.view(b, c, h, w)
 
 
 class AttentionGate(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
 from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
-from kseg.model.ops import batch_norm_act, conv1x1
+from kseg.model.ops import batch_norm_act, bn_affine, conv1x1
 
 
 def _max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +82,15 @@ class KidneySegNet(nn.Module):
             dice(f"{name}b", c_skip, c_skip, sizes[lvl])
         self.seg_map_conv = nn.Conv2d(n, 1, 1)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(bn1a(conv1a(x)))``; the fast path folds an eval-mode ``bn1a`` into the conv."""
+        conv, bn = self.conv1a, self.bn1a
+        if not (self.fast and not bn.training and bn.running_mean is not None):
+            return self._bn_relu(conv(x), bn)
+        s, t = bn_affine(bn)
+        bias = t if conv.bias is None else conv.bias * s + t
+        return F.conv2d(x, conv.weight * s.view(-1, 1, 1, 1), bias, 1, 1).relu_()
+
     def _bn_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         """``relu(bn(x))``, without modifying ``x`` (it may be a returned feature)."""
         if self.fast:
@@ -119,7 +128,7 @@ class KidneySegNet(nn.Module):
         self.check_input_shape(x)
         feats = features if features is not None else {}
         pool = _max_pool2 if self.fast else (lambda t: F.max_pool2d(t, 2))
-        e1 = self._bn_relu(self.conv1a(x), self.bn1a)
+        e1 = self._stem(x)
         e1 = self._block("1b", e1)  # B x n x H x W
         e2 = self._block("2b", self._block("2a", pool(e1)))  # 2n @ H/2
         e3 = self._block("3b", self._block("3a", pool(e2)))  # 4n @ H/4

@@ -243,11 +243,10 @@ def batch_norm_act(
     rm = bn.running_mean[sl] if bn.running_mean is not None else None
     rv = bn.running_var[sl] if bn.running_var is not None else None
     use_batch_stats = bn.training or rm is None
-    if not use_batch_stats or not x.is_floating_point() or x.shape[1] == 0:
-        out = F.batch_norm(x, rm, rv, weight, bias, False, 0.0, bn.eps)
-        if act == "relu":
-            return F.relu(out, inplace=True)
-        return prelu(out, prelu_weight) if act == "prelu" else out
+    if not use_batch_stats:
+        return _activate(
+            F.batch_norm(x, rm, rv, weight, bias, False, 0.0, bn.eps), act, prelu_weight
+        )
     if bn.training and x.numel() <= x.shape[1]:
         raise ValueError(
             f"BatchNorm needs more than 1 value per channel when training, got {tuple(x.shape)}"
@@ -259,4 +258,14 @@ def batch_norm_act(
         momentum = 1.0 / float(bn.num_batches_tracked)  # cumulative average, as nn.BatchNorm
     if not bn.training:  # no running stats and eval mode: batch statistics, nothing updated
         rm = rv = None
-    return _BatchNormActFn.apply(x, weight, bias, prelu_weight, rm, rv, momentum, bn.eps, act)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _BatchNormActFn.apply(x, weight, bias, prelu_weight, rm, rv, momentum, bn.eps, act)
+    # GPU (cuDNN's fused BatchNorm is fast) and reduced precision (AMP): the plain ops.
+    out = F.batch_norm(x, rm, rv, weight, bias, True, momentum, bn.eps)
+    return _activate(out, act, prelu_weight)
+
+
+def _activate(x: torch.Tensor, act: str, a: torch.Tensor | None) -> torch.Tensor:
+    if act == "relu":
+        return F.relu(x, inplace=True)
+    return prelu(x, a) if act == "prelu" else x
