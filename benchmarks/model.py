@@ -4,8 +4,9 @@ Run: ``.venv/bin/python benchmarks/model.py [--quick] [--sizes 512:32] [--no-tun
 
 Every row is measured in this run; ratios are against the reference path of the same size.
 ``infer`` = one tile, eval mode, no grad; ``train`` = forward+backward, batch 2, train mode; each
-figure is the best of ``--reps`` runs after a warm-up, each path in its own process. The load
-average is printed before and after: the figures are only meaningful on an otherwise idle machine.
+figure is the best of ``--reps`` runs (inference: at least 5) after a warm-up, each path in its own
+process. The load average is printed before and after: the figures are only meaningful on an
+otherwise idle machine.
 Rows use the original wiring (fixes off except the adaptive pooling, mid_channels = 8 x nfeat); with
 ``--kseg-default`` each size also gets rows for the kseg default configuration (all fixes on), which
 is ``ModelConfig()`` itself at 256:16.
@@ -98,7 +99,8 @@ def measure(
         out.float().mean().backward()
         sync()
 
-    return {"infer": _time(infer, reps), "train": _time(train, reps)}
+    # Inference is short, so it gets more repetitions: best of at least 5.
+    return {"infer": _time(infer, max(reps, 5)), "train": _time(train, reps)}
 
 
 def machine_rates() -> dict[str, float]:
