@@ -6,8 +6,8 @@
   are the model. The original picked its checkpoint on the test set.
 - Resumable: a checkpoint (weights, optimizer, scheduler, RNG, epoch, best score, history,
   MLflow run id) is written atomically after every epoch under
-  ``train.checkpoint_dir/<fingerprint>``; running the stage again continues from it and ends with
-  the same weights as an uninterrupted run on CPU.
+  ``train.checkpoint_dir/<fingerprint>`` (params, data, kseg sources, torch version); running the
+  stage again continues from it and ends with the same weights as an uninterrupted run on CPU.
 - DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL
   on GPUs, gloo on CPU); only rank 0 validates, logs and writes.
 """
@@ -127,9 +127,24 @@ def loss_fn(kind: str, fg_weight: float, pred: torch.Tensor, target: torch.Tenso
     return mse + fg_weight * 255.0 * F.binary_cross_entropy_with_logits(logits, fg)
 
 
+def code_digest() -> str:
+    """sha256 of the kseg package's Python sources and the torch version.
+
+    Part of the job fingerprint: a checkpoint written by other code (a fix, a faster op with
+    different rounding) must not be resumed as if it came from this code.
+    """
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(params: Params, tiles: list[Tiles]) -> str:
-    """Identifies a training job: its params and the exact pixels and labels it trains on."""
+    """Identifies a training job: its params, code and the exact pixels and labels it trains on."""
     digest = hashlib.sha256(params_hash(params).encode())
+    digest.update(code_digest().encode())
     for split in tiles:
         for tile_id, img, lab in zip(split.ids, split.images, split.labels, strict=True):
             digest.update(tile_id.encode())

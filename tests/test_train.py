@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline_helpers import copy_project, kseg_process, make_prepared_project, run_stage
+from tests.pipeline_helpers import (
+    REPO,
+    copy_project,
+    kseg_process,
+    make_prepared_project,
+    run_stage,
+)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +195,14 @@ def test_logs_to_a_real_mlflow_server(
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train_loss"] > 0
     assert not (project / "mlflow.db").exists()
+
+
+def test_fingerprint_covers_code_and_torch_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kseg import train as train_mod
+    from kseg.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    first = train_mod.fingerprint(params, [])
+    assert train_mod.fingerprint(params, []) == first  # stable
+    monkeypatch.setattr(train_mod.torch, "__version__", "0.0.0-other")
+    assert train_mod.fingerprint(params, []) != first
