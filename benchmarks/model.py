@@ -20,7 +20,9 @@ is ``ModelConfig()`` itself at 256:16.
   move (see :func:`traffic_floor`) at the measured copy bandwidth, and the MACs at the measured
   GEMM rate.
 
-GPU columns (fp32, AMP, channels_last) are added when CUDA is available.
+With ``--fused``, a row runs the fast path with the opt-in compiled inference kernels
+(``KSEG_FUSED_EVAL=1``, :func:`kseg.model.ops.set_fused_eval`); its first call (compilation) is
+printed separately. GPU columns (fp32, AMP, channels_last) are added when CUDA is available.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def measure(
 
     if preset == "default":
         cfg = ModelConfig(nfeat=nfeat, mid_channels=8 * nfeat, tile_size=tile, dice_impl=impl)
-    else:
+    else:  # "original" or "fused" (original wiring, opt-in compiled inference kernels)
         cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat, dice_impl=impl)
         cfg = cfg.with_(tile_size=tile, fix_aspp_adaptive_pool=True)
     cfg = cfg.with_(arch=arch)
@@ -99,8 +101,16 @@ def measure(
         out.float().mean().backward()
         sync()
 
+    first = 0.0
+    if preset == "fused":
+        from kseg.model.ops import set_fused_eval
+
+        set_fused_eval(True)
+        t0 = time.perf_counter()
+        infer()  # compiles (or loads inductor's on-disk cache)
+        first = time.perf_counter() - t0
     # Inference is short, so it gets more repetitions: best of at least 5.
-    return {"infer": _time(infer, max(reps, 5)), "train": _time(train, reps)}
+    return {"infer": _time(infer, max(reps, 5)), "train": _time(train, reps), "first": first}
 
 
 def machine_rates() -> dict[str, float]:
@@ -193,6 +203,62 @@ def run_child(
     return json.loads(out.strip().splitlines()[-1])
 
 
+def measure_size(
+    args: argparse.Namespace, tile: int, nfeat: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Best time of every path at one size, over ``args.rounds`` interleaved rounds."""
+    jobs = {
+        "reference (as it runs)": ("kidney_segnet", "reference", False, "original"),
+        "reference, tuned malloc": ("kidney_segnet", "reference", True, "original"),
+        "fast": ("kidney_segnet", "fast", args.tune_fast, "original"),
+        "U-Net (same widths)": ("unet", "fast", args.tune_fast, "original"),
+    }
+    if args.kseg_default:
+        jobs["reference, kseg default"] = ("kidney_segnet", "reference", False, "default")
+        jobs["fast, kseg default"] = ("kidney_segnet", "fast", args.tune_fast, "default")
+    if args.fused:
+        jobs["fast + fused eval (opt-in)"] = ("kidney_segnet", "fast", args.tune_fast, "fused")
+    # Rounds interleave the paths, so a slow minute on a shared machine hits all of them.
+    rows: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for name, (arch, impl, tune, preset) in jobs.items():
+            r = run_child(arch, impl, nfeat, tile, reps, tune, preset)
+            best = rows.setdefault(name, r)
+            rows[name] = {k: min(best[k], r[k]) for k in r}
+    return rows
+
+
+def report(tile: int, nfeat: int, rows: dict[str, dict[str, float]], rates: dict) -> None:
+    """Prints the rows of one size with their ratios, the floors and the fast path's distance."""
+    floor = traffic_floor(nfeat, tile)
+    t_mem = floor["bytes"] / rates["bandwidth"]
+    t_mac = floor["macs"] / rates["macs_per_s"]
+    rows["floor: memory traffic"] = {"infer": t_mem, "train": 3 * 2 * t_mem}
+    rows["floor: compute (GEMM)"] = {"infer": t_mac, "train": 3 * 2 * t_mac}
+    for name, r in rows.items():
+        dflt = name.endswith("kseg default")
+        ref0 = rows["reference, kseg default" if dflt else "reference (as it runs)"]
+        ref = rows["reference, kseg default" if dflt else "reference, tuned malloc"]
+        print(
+            f"{tile:4d} {nfeat:5d} | {name:26s} | {r['infer']:16.3f} | {r['train']:21.3f} "
+            f"| {ref0['infer'] / r['infer']:6.1f}x {ref0['train'] / r['train']:6.1f}x"
+            f"{'':14s}| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x"
+        )
+    fused = rows.get("fast + fused eval (opt-in)")
+    if fused:
+        print(
+            f"{tile:4d} {nfeat:5d} | fused eval: first call {fused['first']:.1f} s (torch.compile, "
+            "or inductor's cache); its train column is the plain fast path"
+        )
+    fast = rows["fast"]
+    print(
+        f"{tile:4d} {nfeat:5d} | fast / memory floor: infer {fast['infer'] / t_mem:.1f}x, "
+        f"train {fast['train'] / (6 * t_mem):.1f}x "
+        f"({floor['bytes'] / 2**20:.0f} MiB per tile forward, {floor['macs'] / 1e9:.2f} GMACs)"
+    )
+    sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="256 tiles, nfeat 8 and 32, 1 rep")
@@ -205,6 +271,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="best of N (default 3, --quick 1)")
     ap.add_argument("--preset", default="original", help=argparse.SUPPRESS)
     ap.add_argument("--kseg-default", action="store_true", help="add kseg default-config rows")
+    ap.add_argument(
+        "--fused", action="store_true", help="add a row with KSEG_FUSED_EVAL (torch.compile) on"
+    )
     ap.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default=None, help="comma list of tile:nfeat, e.g. 512:32")
     ap.add_argument(
@@ -235,47 +304,12 @@ def main() -> None:
         f"float32 GEMM {rates['macs_per_s'] / 1e9:.0f} GMAC/s"
     )
     print(
-        "tile nfeat | path                    | infer 1 tile (s) | train b=2 fwd+bwd (s) "
+        "tile nfeat | path                       | infer 1 tile (s) | train b=2 fwd+bwd (s) "
         "| x vs reference (infer, train) | x vs reference, tuned malloc"
     )
     for tile, nfeat in grid:
-        jobs = {
-            "reference (as it runs)": ("kidney_segnet", "reference", False, "original"),
-            "reference, tuned malloc": ("kidney_segnet", "reference", True, "original"),
-            "fast": ("kidney_segnet", "fast", args.tune_fast, "original"),
-            "U-Net (same widths)": ("unet", "fast", args.tune_fast, "original"),
-        }
-        if args.kseg_default:
-            jobs["reference, kseg default"] = ("kidney_segnet", "reference", False, "default")
-            jobs["fast, kseg default"] = ("kidney_segnet", "fast", args.tune_fast, "default")
-        # Rounds interleave the paths, so a slow minute on a shared machine hits all of them.
-        rows: dict[str, dict[str, float]] = {}
-        for _ in range(args.rounds):
-            for name, (arch, impl, tune, preset) in jobs.items():
-                r = run_child(arch, impl, nfeat, tile, reps, tune, preset)
-                best = rows.setdefault(name, r)
-                rows[name] = {k: min(best[k], r[k]) for k in r}
-        floor = traffic_floor(nfeat, tile)
-        t_mem = floor["bytes"] / rates["bandwidth"]
-        t_mac = floor["macs"] / rates["macs_per_s"]
-        rows["floor: memory traffic"] = {"infer": t_mem, "train": 3 * 2 * t_mem}
-        rows["floor: compute (GEMM)"] = {"infer": t_mac, "train": 3 * 2 * t_mac}
-        for name, r in rows.items():
-            dflt = name.endswith("kseg default")
-            ref0 = rows["reference, kseg default" if dflt else "reference (as it runs)"]
-            ref = rows["reference, kseg default" if dflt else "reference, tuned malloc"]
-            print(
-                f"{tile:4d} {nfeat:5d} | {name:23s} | {r['infer']:16.3f} | {r['train']:21.3f} "
-                f"| {ref0['infer'] / r['infer']:6.1f}x {ref0['train'] / r['train']:6.1f}x"
-                f"{'':14s}| {ref['infer'] / r['infer']:6.1f}x {ref['train'] / r['train']:6.1f}x"
-            )
-        fast = rows["fast"]
-        print(
-            f"{tile:4d} {nfeat:5d} | fast / memory floor: infer {fast['infer'] / t_mem:.1f}x, "
-            f"train {fast['train'] / (6 * t_mem):.1f}x "
-            f"({floor['bytes'] / 2**20:.0f} MiB per tile forward, {floor['macs'] / 1e9:.2f} GMACs)"
-        )
-        sys.stdout.flush()
+        rows = measure_size(args, tile, nfeat, reps)
+        report(tile, nfeat, rows, rates)
     print(f"load average after: {_load()}")
     try:
         import torch

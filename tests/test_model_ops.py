@@ -156,3 +156,48 @@ def test_batch_norm_act_reduced_precision_uses_the_plain_ops():
     bn, ref = torch.nn.BatchNorm2d(4).train(), torch.nn.BatchNorm2d(4).train()
     torch.testing.assert_close(batch_norm_act(x, bn, "relu"), F.relu(ref(x)))
     torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_fused_eval_kernels_equal_the_eager_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kseg.model import build_model, ops
+    from kseg.model.config import ModelConfig
+
+    model = build_model(ModelConfig(nfeat=4, mid_channels=8, tile_size=32)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=_gen(p.numel()), dtype=torch.float64) * 0.5)
+    x = torch.randn(2, 3, 32, 48, generator=_gen(18), dtype=torch.float64)
+    monkeypatch.setitem(ops._fused, "fns", {})
+    with torch.no_grad():
+        ops.set_fused_eval(False)
+        eager = model(x)
+        ops.set_fused_eval(True)
+        try:
+            fused = model(x)
+            assert ops._fused["enabled"], "compiling failed; the eager fallback ran"
+            assert set(ops._fused["fns"]) == {"dice_mix", "gated_output"}
+        finally:
+            ops.set_fused_eval(False)
+    torch.testing.assert_close(fused, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_eval_falls_back_to_eager_when_compiling_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kseg.model import ops
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(ops._fused, "fns", {"gated_output": broken})
+    ops.set_fused_eval(True)
+    p, t = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 1, 1)
+    a, g = torch.rand(3), torch.rand(2, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            out = ops.gated_output(p, a, g, t)
+        assert not ops._fused["enabled"]
+    finally:
+        ops.set_fused_eval(False)
+    torch.testing.assert_close(out, torch.relu(t + F.prelu(p, a) * g))
+    assert "fused inference kernels off (no C++ compiler)" in caplog.text
