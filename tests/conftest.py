@@ -23,6 +23,9 @@ for _key, _value in {
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }.items():
     os.environ.setdefault(_key, _value)
+# The opt-in compiled inference kernels would add a compile to every process a test starts; the
+# tests that need them turn them on themselves.
+os.environ.pop("KSEG_FUSED_EVAL", None)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
