@@ -257,47 +257,38 @@ class DiCE(nn.Module):
         a3 = pr3.weight
         wc = self.conv_channel.weight * s3[:c].view(c, 1, 1, 1)
         # y = t_wa + sum_j wa_j * prelu(s_j * z_j + t_j)   (B x C x H x W)
-        if fused_eval_active(x):
-            return self._forward_eval_fused(x, post_bn, wc, s3, t3, wa, t_wa)
-        z = prelu(self._conv_c(x, wc, t3[:c]), a3[:c])
-        y = torch.addcmul(_col(t_wa), z, _col(wa[:, 0]))
-        z = prelu(torch.addcmul(_col(t3[2 * c :]), self._conv_w(x), _col(s3[2 * c :])), a3[2 * c :])
-        y.addcmul_(z, _col(wa[:, 2]))
-        z = torch.addcmul(_col(t3[c : 2 * c]), self._conv_h_rows(x), _col(s3[c : 2 * c]))
-        y.addcmul_(prelu(z, a3[c : 2 * c]), _col(wa[:, 1]))
-        y = prelu(y, wa_pr.weight)
+        fused = fused_eval_active(x)
+        if fused:  # the same chain as compiled kernels (opt-in, see kseg.model.ops)
+            y = dice_mix(
+                self._conv_c(x, wc, t3[:c]),
+                self._conv_w(x),
+                self._conv_h_rows(x),
+                _col(s3[2 * c :]),
+                _col(t3[2 * c :]),
+                _col(s3[c : 2 * c]),
+                _col(t3[c : 2 * c]),
+                wa.t().reshape(3, 1, c, 1, 1),
+                _col(t_wa),
+                a3,
+                wa_pr.weight,
+            )
+        else:
+            z = prelu(self._conv_c(x, wc, t3[:c]), a3[:c])
+            y = torch.addcmul(_col(t_wa), z, _col(wa[:, 0]))
+            z = torch.addcmul(_col(t3[2 * c :]), self._conv_w(x), _col(s3[2 * c :]))
+            y.addcmul_(prelu(z, a3[2 * c :]), _col(wa[:, 2]))
+            z = torch.addcmul(_col(t3[c : 2 * c]), self._conv_h_rows(x), _col(s3[c : 2 * c]))
+            y.addcmul_(prelu(z, a3[c : 2 * c]), _col(wa[:, 1]))
+            y = prelu(y, wa_pr.weight)
         gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
         s_pj, t_pj = bn_affine(pj_bn)
         p = grouped_conv3x3(y, pj_conv.weight * s_pj.view(-1, 1, 1, 1), t_pj, pj_conv.groups)
         if post_bn is None:
             return prelu(p, pj_pr.weight) * gate
         s, t = bn_affine(post_bn)
+        if fused:
+            return gated_output(p, pj_pr.weight, gate * _col(s), _col(t))
         return torch.addcmul(_col(t), prelu(p, pj_pr.weight), gate * _col(s)).relu_()
-
-    def _forward_eval_fused(self, x, post_bn, wc, s3, t3, wa, t_wa) -> torch.Tensor:
-        """:meth:`_forward_eval` with its elementwise chains as compiled kernels (opt-in)."""
-        c = self.c_in
-        pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
-        y = dice_mix(
-            self._conv_c(x, wc, t3[:c]),
-            self._conv_w(x),
-            self._conv_h_rows(x),
-            _col(s3[2 * c :]),
-            _col(t3[2 * c :]),
-            _col(s3[c : 2 * c]),
-            _col(t3[c : 2 * c]),
-            wa.t().reshape(3, 1, c, 1, 1),
-            _col(t_wa),
-            self.br_act.br[1].weight,
-            self.weight_avg_layer.cbr[2].weight,
-        )
-        gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
-        s_pj, t_pj = bn_affine(pj_bn)
-        p = grouped_conv3x3(y, pj_conv.weight * s_pj.view(-1, 1, 1, 1), t_pj, pj_conv.groups)
-        if post_bn is None:
-            return prelu(p, pj_pr.weight) * gate
-        s, t = bn_affine(post_bn)
-        return gated_output(p, pj_pr.weight, gate * _col(s), _col(t))
 
     def forward_bn_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         """``relu(bn(self(x)))``; in eval mode the fast path folds ``bn`` into the gate."""
