@@ -22,6 +22,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from timing import best_of  # noqa: E402  (benchmarks/timing.py)
 
 from kseg.config import PrepareConfig, params_from_dict  # noqa: E402
 from kseg.data.prepare import discover, prepare, tile_stats, to_labels, to_rgb  # noqa: E402
@@ -36,15 +37,6 @@ def per_pixel_stats(rgb: np.ndarray, cfg: PrepareConfig) -> dict[str, float]:
     hed = od[tissue] @ np.linalg.inv([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
     return {"tissue": float(tissue.mean()), "mean": px.mean(0), "std": px.std(0),
             "od": od[tissue].mean(0), "h": hed[:, 0].mean(), "e": hed[:, 1].mean()}  # fmt: skip
-
-
-def _time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -71,29 +63,32 @@ def main() -> None:
             with Image.open(t.image) as im, Image.open(t.mask) as m:
                 decoded.append((to_rgb(im), np.asarray(m)))
 
-    rows = [("decode only (baseline)", _time(decode, repeat))]
+    rows = [("decode only (baseline)", best_of(decode, repeat)[0])]
     labels = [to_labels(m)[0] for _, m in decoded]
     rows.append(
-        ("binary -> instance labels", _time(lambda: [to_labels(m) for _, m in decoded], repeat))
+        (
+            "binary -> instance labels",
+            best_of(lambda: [to_labels(m) for _, m in decoded], repeat)[0],
+        )
     )
     rows.append(
-        ("distance targets", _time(lambda: [distance_target(lab) for lab in labels], repeat))
+        ("distance targets", best_of(lambda: [distance_target(lab) for lab in labels], repeat)[0])
     )
     rows.append(
         (
             "per-pixel stats (baseline)",
-            _time(lambda: [per_pixel_stats(r, cfg) for r, _ in decoded], repeat),
+            best_of(lambda: [per_pixel_stats(r, cfg) for r, _ in decoded], repeat)[0],
         )
     )
     rows.append(
         (
             "histogram stats (prepare)",
-            _time(
+            best_of(
                 lambda: [
                     tile_stats(r, lab, cfg) for (r, _), lab in zip(decoded, labels, strict=True)
                 ],
                 repeat,
-            ),
+            )[0],
         )
     )
 
@@ -103,7 +98,7 @@ def main() -> None:
                 Image.fromarray(r).save(f"{tmp}/{i}.png", compress_level=1)
                 Image.fromarray(lab).save(f"{tmp}/{i}_l.png", compress_level=1)
 
-    rows.append(("PNG writes (level 1)", _time(encode, repeat)))
+    rows.append(("PNG writes (level 1)", best_of(encode, repeat)[0]))
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)

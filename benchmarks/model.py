@@ -36,16 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up (oneDNN primitive creation)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from timing import best_of
 
 
 def _load() -> str:
@@ -110,7 +101,11 @@ def measure(
         infer()  # compiles (or loads inductor's on-disk cache)
         first = time.perf_counter() - t0
     # Inference is short, so it gets more repetitions: best of at least 5.
-    return {"infer": _time(infer, max(reps, 5)), "train": _time(train, reps), "first": first}
+    return {
+        "infer": best_of(infer, max(reps, 5), warmup=True)[0],
+        "train": best_of(train, reps, warmup=True)[0],
+        "first": first,
+    }
 
 
 def machine_rates() -> dict[str, float]:
@@ -119,9 +114,9 @@ def machine_rates() -> dict[str, float]:
 
     x = torch.randn(64 << 20)  # 256 MiB: far beyond the caches
     y = torch.empty_like(x)
-    t_copy = _time(lambda: y.copy_(x), 5)
+    t_copy = best_of(lambda: y.copy_(x), 5, warmup=True)[0]
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t_mm = _time(lambda: a @ b, 5)
+    t_mm = best_of(lambda: a @ b, 5, warmup=True)[0]
     return {"bandwidth": 2 * x.numel() * 4 / t_copy, "macs_per_s": 2048**3 / t_mm}
 
 

@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _timed(fn, repeat: int = 1) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+from timing import best_of
 
 
 def main() -> None:
@@ -84,16 +75,16 @@ def main() -> None:
                 Preprocess().save(folder)
                 save_config(params, folder / "params.json")
                 seg = Segmenter.from_folder(folder, device=args.device)
-                read_s, image = _timed(partial(read_image, tmp / "input.png"))
+                read_s, image = best_of(partial(read_image, tmp / "input.png"))
                 seg.distance(image[:256, :256])  # warm-up
-                model_s, dist = _timed(partial(seg.distance, image))
-                post_s, pred = _timed(partial(dist_watershed, dist))
-                write_s, _ = _timed(partial(write_outputs, tmp / "out", "input", image, pred))
+                model_s, dist = best_of(partial(seg.distance, image))
+                post_s, pred = best_of(partial(dist_watershed, dist))
+                write_s, _ = best_of(partial(write_outputs, tmp / "out", "input", image, pred))
                 rows.append((name, impl, read_s, model_s, post_s, write_s))
-        post_fast, _ = _timed(lambda: dist_watershed(realistic), repeat=2)
-        post_ref, _ = _timed(lambda: dist_watershed_reference(realistic))
+        post_fast, _ = best_of(lambda: dist_watershed(realistic), repeat=2)
+        post_ref, _ = best_of(lambda: dist_watershed_reference(realistic))
         inst = dist_watershed(realistic)
-        write_real, _ = _timed(lambda: write_outputs(tmp / "out", "real", rgb, inst))
+        write_real, _ = best_of(lambda: write_outputs(tmp / "out", "real", rgb, inst))
 
     print(
         f"\nkseg predict on one {size}x{size} image ({megapixels:.2f} MP), device {args.device}, "

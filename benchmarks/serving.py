@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,17 +29,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from timing import best_of  # noqa: E402  (benchmarks/timing.py)
+
 for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
     os.environ.setdefault(_key, _value)
-
-
-def _timed(fn, repeat: int = 1) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def _image(size: int) -> np.ndarray:
@@ -74,8 +66,8 @@ def _register_times(model_dir: Path) -> list[tuple[str, float, float]]:
         mlflow.register_model(info.model_uri, "bench-inferred")
 
     explicit()  # warm-up: database tables, imports
-    base, _ = _timed(inferred)
-    ours, _ = _timed(explicit)
+    base, _ = best_of(inferred)
+    ours, _ = best_of(explicit)
     return [
         ("log + register, inferred requirements (baseline)", base, 1.0),
         ("log + register, kseg.serving (pinned)", ours, base / ours),
@@ -110,7 +102,7 @@ def _rest_time(rgb: np.ndarray, repeat: int) -> float:
                 json.loads(resp.read())
 
         call()
-        seconds, _ = _timed(call, repeat)
+        seconds, _ = best_of(call, repeat)
     finally:
         stop_process(proc)
     return seconds
@@ -158,8 +150,8 @@ def main() -> None:
             # Alternating repeats, best of each: load from other processes hits both alike.
             base = ours = float("inf")
             for _ in range(repeat):
-                base = min(base, _timed(lambda rgb=rgb: segmenter.segment(rgb))[0])
-                ours = min(ours, _timed(lambda frame=frame: pyfunc.predict(frame))[0])
+                base = min(base, best_of(lambda rgb=rgb: segmenter.segment(rgb))[0])
+                ours = min(ours, best_of(lambda frame=frame: pyfunc.predict(frame))[0])
             rows.append((f"{size}x{size}: Segmenter.segment (baseline)", base, 1.0))
             rows.append((f"{size}x{size}: pyfunc predict (base64 PNG in/out)", ours, base / ours))
             if args.rest:
