@@ -254,11 +254,30 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """DIST dynamic watershed (Naylor et al. 2018) turning a distance map into instances."""
+    """Maps -> instances: DIST dynamic watershed (``dist`` head) or marker watershed (``fg_dist``).
 
-    h: int = _f(7, min=1, max=255, help="dynamic (h-maxima depth) on the 0..255 scale")
-    foreground_threshold: int = _f(28, min=0, max=255, help="0..255 scale; below is background")
-    watershed_line: bool = _f(True, help="keep 1-px background lines between touching nuclei")
+    With ``fit: true`` the train stage chooses the thresholds of the model's head on the validation
+    patients (never the test ones) and writes them to ``postprocess.json`` in the model folder;
+    evaluate, predict and serving then use those. The values here are the starting point and what
+    is used with ``fit: false`` (h 7 / threshold 28 = the original's test settings).
+    """
+
+    h: int = _f(7, min=1, max=255, help="dist head: h-maxima depth on the 0..255 scale")
+    foreground_threshold: int = _f(
+        28, min=0, max=255, help="dist head: 0..255 scale; below is background"
+    )
+    watershed_line: bool = _f(True, help="dist head: clear the pixels where two nuclei touch")
+    fg_threshold: float = _f(
+        0.5, min=0.0, max=1.0, help="fg_dist head: foreground probability of a nucleus pixel"
+    )
+    marker_threshold: float = _f(
+        0.5, min=0.0, max=1.0, help="fg_dist head: normalised distance of a nucleus core (marker)"
+    )
+    min_size: int = _f(0, min=0, max=1_000_000, help="instances below this many pixels are dropped")
+    fit: bool = _f(
+        True,
+        help="choose the thresholds on the validation patients after training (false: use these)",
+    )
 
 
 @dataclass(frozen=True)

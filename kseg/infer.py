@@ -116,7 +116,79 @@ def _windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int
             yield y, x
 
 
+def output_to_maps(out: torch.Tensor, head: str) -> torch.Tensor:
+    """Network output -> the maps post-processing reads, ``(B, C, h, w)``.
+
+    ``dist``: the distance map as is (already >= 0). ``fg_dist``: sigmoid of both logits, i.e. the
+    foreground probability and the normalised distance, both in [0, 1] (blending probabilities, not
+    logits, keeps a window that is sure of itself from being outvoted by a border window).
+    """
+    return torch.sigmoid(out) if head == "fg_dist" else out
+
+
+def model_head(model: torch.nn.Module) -> str:
+    """The head of a kseg network (``dist`` for a model without a config, e.g. a test stand-in)."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "head", "dist")
+
+
 @torch.inference_mode()
+def predict_maps(
+    model: torch.nn.Module,
+    image: NDArray[np.uint8],
+    preprocess: Preprocess,
+    tile: int,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    head: str | None = None,
+) -> NDArray[np.float32]:
+    """Predicted maps of an RGB image of any size, ``(C, H, W)`` float32.
+
+    Args:
+        model: Network in eval mode mapping ``(B, 3, tile, tile)`` to ``(B, C, tile, tile)``.
+        image: ``(H, W, 3)`` uint8 RGB (already stain-normalized if the model expects it).
+        preprocess: Input standardization of the model.
+        tile: Window size (the model's tile size).
+        overlap: Overlap of neighbouring windows in pixels (default: a quarter tile).
+        batch_size: Windows per forward pass; bounds the network's memory.
+        device: Where the network runs.
+        head: ``dist`` or ``fg_dist`` (default: the model's own, see :func:`model_head`).
+
+    Returns:
+        ``(C, H, W)`` float32 blended maps: the distance map (``dist``), or the foreground
+        probability and the normalised distance (``fg_dist``).
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    head = model_head(model) if head is None else head
+    overlap = tile // 4 if overlap is None else overlap
+    h, w = image.shape[:2]
+    # Images smaller than a tile are padded by reflection (constant padding looks like glass).
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    mode = "reflect" if ph < h and pw < w else "symmetric"
+    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else image
+    hh, ww = padded.shape[:2]
+    acc: NDArray[np.float32] | None = None
+    weight_sum = np.zeros((hh, ww), np.float32)
+    positions = list(_windows(hh, ww, tile, overlap))
+    for i in range(0, len(positions), batch_size):
+        chunk = positions[i : i + batch_size]
+        crops = np.stack([padded[y : y + tile, x : x + tile] for y, x in chunk])
+        x_in = preprocess.to_tensor(crops).to(device)
+        out = output_to_maps(model(x_in), head).float().cpu().numpy()  # (b, C, tile, tile)
+        if acc is None:
+            acc = np.zeros((out.shape[1], hh, ww), np.float32)
+        for (y, x), pred in zip(chunk, out, strict=True):
+            weight = np.outer(
+                blend_ramp(tile, y == 0, y + tile >= hh), blend_ramp(tile, x == 0, x + tile >= ww)
+            )
+            acc[:, y : y + tile, x : x + tile] += pred * weight
+            weight_sum[y : y + tile, x : x + tile] += weight
+    assert acc is not None  # at least one window
+    return (acc / weight_sum)[:, :h, :w]
+
+
 def predict_distance(
     model: torch.nn.Module,
     image: NDArray[np.uint8],
@@ -126,41 +198,5 @@ def predict_distance(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
 ) -> NDArray[np.float32]:
-    """Predicted distance map of an RGB image of any size.
-
-    Args:
-        model: Network in eval mode mapping ``(B, 3, tile, tile)`` to ``(B, 1, tile, tile)``.
-        image: ``(H, W, 3)`` uint8 RGB (already stain-normalized if the model expects it).
-        preprocess: Input standardization of the model.
-        tile: Window size (the model's tile size).
-        overlap: Overlap of neighbouring windows in pixels (default: a quarter tile).
-        batch_size: Windows per forward pass; bounds the network's memory.
-        device: Where the network runs.
-
-    Returns:
-        ``(H, W)`` float32 blended distance map.
-    """
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    overlap = tile // 4 if overlap is None else overlap
-    h, w = image.shape[:2]
-    # Images smaller than a tile are padded by reflection (constant padding looks like glass).
-    ph, pw = max(0, tile - h), max(0, tile - w)
-    mode = "reflect" if ph < h and pw < w else "symmetric"
-    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else image
-    hh, ww = padded.shape[:2]
-    acc = np.zeros((hh, ww), np.float32)
-    weight_sum = np.zeros((hh, ww), np.float32)
-    positions = list(_windows(hh, ww, tile, overlap))
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i : i + batch_size]
-        crops = np.stack([padded[y : y + tile, x : x + tile] for y, x in chunk])
-        x_in = preprocess.to_tensor(crops).to(device)
-        out = model(x_in)[:, 0].float().cpu().numpy()  # (b, tile, tile)
-        for (y, x), pred in zip(chunk, out, strict=True):
-            weight = np.outer(
-                blend_ramp(tile, y == 0, y + tile >= hh), blend_ramp(tile, x == 0, x + tile >= ww)
-            )
-            acc[y : y + tile, x : x + tile] += pred * weight
-            weight_sum[y : y + tile, x : x + tile] += weight
-    return (acc / weight_sum)[:h, :w]
+    """First channel of :func:`predict_maps` as ``(H, W)``: the distance map of a ``dist`` model."""
+    return predict_maps(model, image, preprocess, tile, overlap, batch_size, device)[0]

@@ -6,7 +6,9 @@ The model folder (written by the train stage) holds everything inference needs, 
 - ``model.pt`` + ``config.json``: the network (kseg.model.save_model_folder);
 - ``preprocess.json``: input standardization fitted on the training tiles;
 - ``stain.json`` (optional): the stain normalizer fitted on the training split;
-- ``params.json``: the full parameters, of which ``postprocess`` is used here.
+- ``postprocess.json`` (optional): post-processing values fitted on the validation patients
+  (:mod:`kseg.postprocess_fit`); without it, ``params.json``'s ``postprocess`` block is used.
+- ``params.json``: the full parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from numpy.typing import NDArray
 
 from kseg.config import ModelConfig, PostprocessConfig, params_from_dict
-from kseg.infer import Preprocess, predict_distance
+from kseg.infer import Preprocess, predict_maps
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,13 @@ class Segmenter:
         device = torch.device(device)
         model.to(device).eval()
         params_path = folder / "params.json"
-        post = PostprocessConfig()
-        if params_path.is_file():
-            post = params_from_dict(json.loads(params_path.read_text())).postprocess
+        from kseg.postprocess_fit import load_postprocess
+
+        post = load_postprocess(folder)
+        if post is None:
+            post = PostprocessConfig()
+            if params_path.is_file():
+                post = params_from_dict(json.loads(params_path.read_text())).postprocess
         stain = None
         if (folder / "stain.json").is_file():
             from kseg.stain import load_stain
@@ -70,20 +76,25 @@ class Segmenter:
         """Applies the trained stain normalization (identity when there is none)."""
         return rgb if self.stain is None else self.stain.transform(rgb)
 
-    def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
-        """Predicted distance map of an ``(H, W, 3)`` uint8 image of any size."""
-        return predict_distance(
+    def maps(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Predicted ``(C, H, W)`` maps of an ``(H, W, 3)`` uint8 image of any size."""
+        return predict_maps(
             self.model,
             self.normalize(rgb),
             self.preprocess,
             self.model_config.tile_size,
             batch_size=self.batch_size,
             device=self.device,
+            head=self.model_config.head,
         )
+
+    def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Predicted ``(H, W)`` distance map (the normalised distance for ``fg_dist`` models)."""
+        return self.maps(rgb)[-1]
 
     def segment(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.int32], NDArray[np.float32]]:
         """Instance labels (0 = background) and the distance map they came from."""
-        from kseg.postprocess import postprocess_from_config
+        from kseg.postprocess import postprocess_maps
 
-        dist = self.distance(rgb)
-        return postprocess_from_config(dist, self.postprocess), dist
+        maps = self.maps(rgb)
+        return postprocess_maps(maps, self.postprocess), maps[-1]

@@ -13,8 +13,8 @@ import torch
 
 from kseg.config import Params
 from kseg.data.dataset import Tiles
-from kseg.data.targets import distance_target
-from kseg.infer import Preprocess, predict_distance
+from kseg.data.targets import training_target
+from kseg.infer import Preprocess, predict_maps
 
 if TYPE_CHECKING:
     from kseg.tracking import Tracker
@@ -30,15 +30,20 @@ def validate_epoch(
     device: torch.device,
     tracker: Tracker | None = None,
     epoch: int = 0,
+    maps_out: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Mean validation loss and segmentation scores over ``tiles``.
+
+    ``val_loss`` is the mean squared error of the maps against the head's targets (for ``fg_dist``:
+    of the probabilities against the mask and the normalised distance). If ``maps_out`` is given,
+    the predicted maps are appended to it (for fitting the post-processing).
 
     Returns:
         ``val_loss`` and the means of :data:`SCORES` (empty dict when there is no validation tile).
     """
     from kseg.metrics import segmentation_metrics
     from kseg.plots import overlay
-    from kseg.postprocess import postprocess_from_config
+    from kseg.postprocess import postprocess_maps
 
     if len(tiles) == 0:
         return {}
@@ -49,9 +54,14 @@ def validate_epoch(
         for i, (tile_id, image, labels) in enumerate(
             zip(tiles.ids, tiles.images, tiles.labels, strict=True)
         ):
-            pred = predict_distance(model, image, preprocess, params.model.tile_size, device=device)
-            losses.append(float(np.mean((pred - distance_target(labels)) ** 2)))
-            instances = postprocess_from_config(pred, params.postprocess)
+            head = params.model.head
+            pred = predict_maps(
+                model, image, preprocess, params.model.tile_size, device=device, head=head
+            )
+            losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))
+            if maps_out is not None:
+                maps_out.append(pred)
+            instances = postprocess_maps(pred, params.postprocess)
             rows.append(segmentation_metrics(instances, labels))
             if tracker is not None and i < params.train.val_overlays:
                 tracker.log_image(

@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from kseg.data.targets import distance_target
+from kseg.data.targets import training_target
 from kseg.infer import Preprocess
 
 #: ``augment(image, labels, rng) -> (image, labels)``; must keep labels exact integers.
@@ -82,20 +82,27 @@ def random_crop(
     size: int,
     rng: np.random.Generator,
 ) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
-    """A ``size`` x ``size`` crop at a random place; smaller tiles are padded (reflect / zeros)."""
-    h, w = target.shape
+    """A ``size`` x ``size`` crop at a random place; smaller tiles are padded (reflect / zeros).
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        target: ``(H, W)`` or ``(C, H, W)`` float32, cropped at the same place.
+        size: Crop edge.
+        rng: Random stream of the sample.
+    """
+    h, w = target.shape[-2:]
     ph, pw = max(0, size - h), max(0, size - w)
     if ph or pw:
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
-        target = np.pad(target, ((0, ph), (0, pw)))
-        h, w = target.shape
+        target = np.pad(target, [(0, 0)] * (target.ndim - 2) + [(0, ph), (0, pw)])
+        h, w = target.shape[-2:]
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(0, w - size + 1))
-    return image[y : y + size, x : x + size], target[y : y + size, x : x + size]
+    return image[y : y + size, x : x + size], target[..., y : y + size, x : x + size]
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Random crops of the training tiles with augmentation and distance targets.
+    """Random crops of the training tiles with augmentation and the head's targets.
 
     The whole tile is augmented first and its distance target computed from the augmented labels
     (so a nucleus cut by the crop keeps its true distances), then the crop is taken.
@@ -109,6 +116,7 @@ class TrainDataset(torch.utils.data.Dataset):
         seed: int,
         samples_per_epoch: int = 0,
         augment: Augment | None = None,
+        head: str = "dist",
     ) -> None:
         if len(tiles) == 0:
             raise ValueError("the training split is empty; check split.json")
@@ -118,6 +126,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.length = samples_per_epoch or len(tiles)
         self.augment = augment
+        self.head = head
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,8 +142,8 @@ class TrainDataset(torch.utils.data.Dataset):
         image, labels = self.tiles.images[k], self.tiles.labels[k]
         if self.augment is not None:
             image, labels = self.augment(image, labels, rng)
-        target = distance_target(labels)
+        target = training_target(labels, self.head)  # (C, H, W)
         image, target = random_crop(image, target, self.tile_size, rng)
         x = self.preprocess.to_tensor(image)[0]  # (3, T, T)
-        y = torch.from_numpy(np.ascontiguousarray(target))[None]  # (1, T, T)
+        y = torch.from_numpy(np.ascontiguousarray(target))  # (C, T, T)
         return x, y

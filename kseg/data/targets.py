@@ -46,3 +46,34 @@ def distance_target(labels: NDArray[np.integer]) -> NDArray[np.float32]:
     if peak <= 0.0:
         return dist
     return dist * np.float32(255.0 / peak)
+
+
+def normalized_distance(labels: NDArray[np.integer]) -> NDArray[np.float32]:
+    """:func:`instance_distance` divided by each nucleus's own largest distance (peak 1 per nucleus).
+
+    Unlike the per-image min-max of :func:`distance_target`, every nucleus, small or large, peaks
+    at 1 and its border is at ``1 / peak``, so one marker threshold fits all nuclei (the DIST and
+    HoVer-Net-style normalisation). Background is 0.
+    """
+    labels = np.asarray(labels)
+    dist = instance_distance(labels)
+    if not labels.any():
+        return dist
+    peak = ndi.maximum(dist, labels, index=np.arange(labels.max() + 1))
+    peak = np.asarray(peak, np.float32)
+    peak[peak <= 0] = 1.0
+    return dist / peak[labels]
+
+
+def fg_dist_target(labels: NDArray[np.integer]) -> NDArray[np.float32]:
+    """``(2, H, W)`` target of the ``fg_dist`` head: nucleus mask and :func:`normalized_distance`."""
+    return np.stack([(np.asarray(labels) > 0).astype(np.float32), normalized_distance(labels)])
+
+
+def training_target(labels: NDArray[np.integer], head: str) -> NDArray[np.float32]:
+    """``(C, H, W)`` target for a model head (``dist``: 1 channel, ``fg_dist``: 2 channels)."""
+    if head == "fg_dist":
+        return fg_dist_target(labels)
+    if head == "dist":
+        return distance_target(labels)[None]
+    raise ValueError(f"model.head: unknown head {head!r}; expected 'dist' or 'fg_dist'")

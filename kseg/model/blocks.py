@@ -44,6 +44,7 @@ class DiCEPyramidPooling(nn.Module):
             ``size x size`` upsampling (only inputs of exactly ``size`` work); ``True`` pools
             globally and broadcasts to whatever size the input has.
         impl: DiCE implementation, ``fast`` or ``reference``.
+        shared_dim_kernels: Shared height-/width-wise DiCE kernels (``model.dice_dim_kernels``).
     """
 
     def __init__(
@@ -54,13 +55,16 @@ class DiCEPyramidPooling(nn.Module):
         rates: Sequence[int] = (4, 6, 8),
         adaptive_pool: bool = False,
         impl: str = "fast",
+        shared_dim_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.size, self.adaptive_pool, self.n_branches = size, adaptive_pool, len(rates) + 1
         self.impl = impl
-        self.branch1 = DiCE(c_in, mid, size, size, kernel_size=1, impl=impl)
+        shared = shared_dim_kernels
+        self.branch1 = DiCE(c_in, mid, size, size, 1, impl=impl, shared_dim_kernels=shared)
         for i, r in enumerate(rates):
-            self.add_module(f"branch{i + 2}", DiCE(c_in, mid, size, size, 3, (r, r, r), impl))
+            branch = DiCE(c_in, mid, size, size, 3, (r, r, r), impl, shared_dim_kernels=shared)
+            self.add_module(f"branch{i + 2}", branch)
         self.final_layer = nn.Conv2d(self.n_branches * mid + c_in, c_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

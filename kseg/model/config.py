@@ -42,6 +42,15 @@ class ModelConfig:
             ``AvgPool2d(64)`` and upsamples to a fixed 64x64, so only 512x512 tiles work).
         fix_drop_unused_upconv: Do not build the unused ``upconv1..3`` (387k dead parameters at
             nfeat=32). Ignored when ``fix_decoder_concat_upsampled`` uses them.
+        dice_dim_kernels: ``per_position`` (the original: DiCE's height-wise conv has one kernel
+            per row and the width-wise one per column, so the network is not
+            translation-equivariant and tiles are resized to ``tile_size``) or ``shared`` (one
+            kernel for all rows / columns: an ordinary, translation-equivariant conv over the
+            (C, W) / (H, C) planes that runs on any window size).
+        head: ``dist`` (the original: one channel, ReLU, regressing the 0..255 per-image
+            min-max scaled distance map) or ``fg_dist`` (two raw channels: a foreground logit and
+            a logit of the distance to the nucleus border divided by that nucleus's largest
+            distance, as DIST/HoVer-Net-style models do; see docs/training.md).
     """
 
     arch: Literal["kidney_segnet", "unet"] = field(
@@ -65,6 +74,25 @@ class ModelConfig:
     fix_drop_unused_upconv: bool = field(
         default=True, metadata={"help": "do not build upconv1..3 when they are unused"}
     )
+    dice_dim_kernels: Literal["per_position", "shared"] = field(
+        default="per_position",
+        metadata={
+            "help": "per_position = the original (one height-wise kernel per row, one width-wise "
+            "per column); shared = one each, translation-equivariant and any input size"
+        },
+    )
+    head: Literal["dist", "fg_dist"] = field(
+        default="dist",
+        metadata={
+            "help": "dist = the original's 1-channel 0..255 distance map (ReLU); fg_dist = "
+            "foreground logit + per-nucleus normalised distance logit (2 channels)"
+        },
+    )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the network output: 1 for ``dist``, 2 for ``fg_dist``."""
+        return 2 if self.head == "fg_dist" else 1
 
     def validate(self) -> None:
         """Cross-field rules: the tile must survive three 2x poolings.
@@ -107,6 +135,8 @@ class ModelConfig:
             fix_decoder_concat_upsampled=False,
             fix_aspp_adaptive_pool=False,
             fix_drop_unused_upconv=False,
+            dice_dim_kernels="per_position",
+            head="dist",
         )
 
     def with_(self, **changes: object) -> ModelConfig:

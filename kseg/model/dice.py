@@ -99,6 +99,10 @@ class DiCE(nn.Module):
         dilation: (channel, height, width) dilation. The original's list is ordered
             [channel, width-conv, height-conv]; every Kidney-SegNet block uses equal values.
         impl: ``fast`` or ``reference`` (same parameters, same function).
+        shared_dim_kernels: One height-wise and one width-wise kernel shared by every row and
+            column instead of one per row / column (the original). The block is then
+            translation-equivariant and size-agnostic (no resizing to H* x W*), like an ordinary
+            conv; ``height`` and ``width`` are ignored (see ``model.dice_dim_kernels``).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class DiCE(nn.Module):
         kernel_size: int = 3,
         dilation: Sequence[int] = (1, 1, 1),
         impl: str = "fast",
+        shared_dim_kernels: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -121,16 +126,18 @@ class DiCE(nn.Module):
         k, (d_c, d_h, d_w) = kernel_size, tuple(dilation)
         self.c_in, self.c_out, self.height, self.width = c_in, c_out, height, width
         self.k, self.dil, self.impl = k, (d_c, d_h, d_w), impl
+        self.shared = shared_dim_kernels
+        n_w, n_h = (1, 1) if shared_dim_kernels else (width, height)
         pad = (k - 1) // 2
         self.conv_channel = nn.Conv2d(
             c_in, c_in, k, padding=pad * d_c, dilation=d_c, groups=c_in, bias=False
         )
         # Registered in the original's order (width before height) so state dicts list alike.
         self.conv_width = nn.Conv2d(
-            width, width, k, padding=pad * d_w, dilation=d_w, groups=width, bias=False
+            n_w, n_w, k, padding=pad * d_w, dilation=d_w, groups=n_w, bias=False
         )
         self.conv_height = nn.Conv2d(
-            height, height, k, padding=pad * d_h, dilation=d_h, groups=height, bias=False
+            n_h, n_h, k, padding=pad * d_h, dilation=d_h, groups=n_h, bias=False
         )
         self.br_act = _BR(3 * c_in)
         self.weight_avg_layer = _CBR(3 * c_in, c_in, 1, groups=c_in)
@@ -144,7 +151,20 @@ class DiCE(nn.Module):
         )
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"size=({self.height}, {self.width}), k={self.k}, dil={self.dil}, impl={self.impl}"
+        size = "shared" if self.shared else f"({self.height}, {self.width})"
+        return f"size={size}, k={self.k}, dil={self.dil}, impl={self.impl}"
+
+    def _dim_size(self, x: torch.Tensor, dim: int) -> int:
+        """Rows (dim 2) or columns (dim 3) the dimension-wise conv runs on: the built size, or
+        the input's own with shared kernels (no resizing)."""
+        if self.shared:
+            return x.shape[dim]
+        return self.height if dim == 2 else self.width
+
+    def _dim_weight(self, conv: nn.Conv2d, n: int) -> torch.Tensor:
+        """``n x 1 x k x k`` kernels of a dimension-wise conv (a shared kernel is broadcast)."""
+        w = conv.weight
+        return w.expand(n, 1, self.k, self.k) if self.shared else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.dim() != 4 or x.shape[1] != self.c_in:
@@ -160,13 +180,16 @@ class DiCE(nn.Module):
         _, c, h, w = x.shape
         out_c = self.conv_channel(x)
         # Height-wise: B x H* x C x W, one kernel per row over the (C, W) plane.
-        xh = resize_dim(x.clone(), self.height, 2).transpose(1, 2).contiguous()
-        out_h = self.conv_height(xh).transpose(1, 2).contiguous()
-        out_h = resize_dim(out_h, h, 2)
+        n_h, n_w = self._dim_size(x, 2), self._dim_size(x, 3)
+        xh = resize_dim(x.clone(), n_h, 2).transpose(1, 2).contiguous()
+        ch = self.conv_height
+        out_h = F.conv2d(xh, self._dim_weight(ch, n_h), None, 1, ch.padding, ch.dilation, n_h)
+        out_h = resize_dim(out_h.transpose(1, 2).contiguous(), h, 2)
         # Width-wise: B x W* x H x C, one kernel per column over the (H, C) plane.
-        xw = resize_dim(x.clone(), self.width, 3).transpose(1, 3).contiguous()
-        out_w = self.conv_width(xw).transpose(1, 3).contiguous()
-        out_w = resize_dim(out_w, w, 3)
+        xw = resize_dim(x.clone(), n_w, 3).transpose(1, 3).contiguous()
+        cw = self.conv_width
+        out_w = F.conv2d(xw, self._dim_weight(cw, n_w), None, 1, cw.padding, cw.dilation, n_w)
+        out_w = resize_dim(out_w.transpose(1, 3).contiguous(), w, 3)
         y = self.br_act(torch.cat((out_c, out_h, out_w), 1))  # B x 3C x H x W
         b = y.shape[0]
         # Channel shuffle with 3 groups: [c0, h0, w0, c1, h1, w1, ...].
@@ -192,26 +215,28 @@ class DiCE(nn.Module):
         puts H innermost takes 19 ms), and elementwise ops between this view and contiguous NCHW
         tensors keep W innermost on both sides (an add through a transposed view costs ~4x).
         """
-        xh, wh, d_h = resize_dim(x, self.height, 2), self.conv_height.weight, self.dil[1]
+        n = self._dim_size(x, 2)
+        xh, wh, d_h = resize_dim(x, n, 2), self._dim_weight(self.conv_height, n), self.dil[1]
         if self.k == 1:
-            out = xh.permute(0, 2, 1, 3) * wh.view(1, self.height, 1, 1)  # B x H* x C x W
+            out = xh.permute(0, 2, 1, 3) * wh.reshape(1, n, 1, 1)  # B x H* x C x W
         else:
             pad = (self.k - 1) // 2 * d_h
             xp = xh.permute(0, 2, 1, 3).contiguous()  # B x H* x C x W
-            out = F.conv2d(xp, wh, None, 1, pad, d_h, self.height)
+            out = F.conv2d(xp, wh, None, 1, pad, d_h, n)
         return resize_dim(out.permute(0, 2, 1, 3), x.shape[2], 2)
 
     def _conv_w(self, x: torch.Tensor) -> torch.Tensor:
         """Width-wise response, B x C x H x W, without a transpose (channels-last view)."""
-        xw, ww, d_w = resize_dim(x, self.width, 3), self.conv_width.weight, self.dil[2]
+        n = self._dim_size(x, 3)
+        xw, ww, d_w = resize_dim(x, n, 3), self._dim_weight(self.conv_width, n), self.dil[2]
         if self.k == 1:
-            out_w = xw * ww.view(1, 1, 1, self.width)
+            out_w = xw * ww.reshape(1, 1, 1, n)
         else:
             # B x W* x C x H is a channels-last *view* of contiguous NCHW. The kernel's axes are
             # (H, C) in the original; here the plane is (C, H), hence the transposed kernel.
             xv = xw.permute(0, 3, 1, 2)
             pad = (self.k - 1) // 2 * d_w
-            out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, self.width)
+            out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, n)
             out_w = out_w.permute(0, 2, 3, 1)  # B x C x H x W*
         return resize_dim(out_w, x.shape[3], 3)
 

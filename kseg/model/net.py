@@ -51,9 +51,11 @@ class KidneySegNet(nn.Module):
         sizes = (t, t // 2, t // 4, t // 8)
         self.concat_up = cfg.fix_decoder_concat_upsampled
         self.fast = impl == "fast"
+        shared = cfg.dice_dim_kernels == "shared"
 
         def dice(name: str, c_in: int, c_out: int, size: int) -> None:
-            self.add_module(f"conv{name}", DiCE(c_in, c_out, size, size, impl=impl))
+            block = DiCE(c_in, c_out, size, size, impl=impl, shared_dim_kernels=shared)
+            self.add_module(f"conv{name}", block)
             self.add_module(f"bn{name}", nn.BatchNorm2d(c_out))
 
         # Encoder. conv1a is a plain 3x3 conv (bias) + BN + ReLU.
@@ -67,7 +69,13 @@ class KidneySegNet(nn.Module):
         dice("4a", widths[2], widths[3], sizes[3])
         dice("4b", widths[3], widths[3], sizes[3])
         self.aspp = DiCEPyramidPooling(
-            widths[3], cfg.mid_channels, sizes[3], cfg.aspp_rates, cfg.fix_aspp_adaptive_pool, impl
+            widths[3],
+            cfg.mid_channels,
+            sizes[3],
+            cfg.aspp_rates,
+            cfg.fix_aspp_adaptive_pool,
+            impl,
+            shared,
         )
         # Decoder: level l gets its skip (widths[l]) gated by the deeper feature (widths[l+1]).
         build_up = self.concat_up or not cfg.fix_drop_unused_upconv
@@ -80,7 +88,8 @@ class KidneySegNet(nn.Module):
             self.add_module(f"att{i + 1}", AttentionGate(c_skip, c_deep, c_skip, impl))
             dice(f"{name}a", (2 + extra) * c_skip, c_skip, sizes[lvl])
             dice(f"{name}b", c_skip, c_skip, sizes[lvl])
-        self.seg_map_conv = nn.Conv2d(n, 1, 1)
+        self.seg_map_conv = nn.Conv2d(n, cfg.out_channels, 1)
+        self.relu_head = cfg.head == "dist"
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(bn1a(conv1a(x)))``; the fast path folds an eval-mode ``bn1a`` into the conv."""
@@ -118,7 +127,7 @@ class KidneySegNet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, features: dict[str, torch.Tensor] | None = None):
-        """Distance map B x 1 x H x W (>= 0).
+        """Head output: B x 1 x H x W distance map (>= 0), or B x 2 x H x W logits (fg_dist).
 
         Args:
             x: Input B x 3 x H x W.
@@ -149,5 +158,7 @@ class KidneySegNet(nn.Module):
             feats[f"conv{name}b"] = raw
             d = self._bn_relu(raw, getattr(self, f"bn{name}b"))
         if self.fast:
-            return F.relu(conv1x1(d, self.seg_map_conv.weight, self.seg_map_conv.bias))
-        return F.relu(self.seg_map_conv(d))
+            out = conv1x1(d, self.seg_map_conv.weight, self.seg_map_conv.bias)
+        else:
+            out = self.seg_map_conv(d)
+        return F.relu(out) if self.relu_head else out

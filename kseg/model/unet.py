@@ -36,10 +36,10 @@ class UNet(nn.Module):
         self.enc.extend(_double(w[i], w[i + 1]) for i in range(3))
         self.up = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(3))
         self.dec = nn.ModuleList(_double(2 * w[i], w[i]) for i in range(3))
-        self.seg_map_conv = nn.Conv2d(n, 1, 1)
+        self.seg_map_conv = nn.Conv2d(n, cfg.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Distance map B x 1 x H x W (>= 0); H and W must be divisible by 8."""
+        """Head output (see KidneySegNet.forward); H and W must be divisible by 8."""
         if x.dim() != 4 or x.shape[-1] % 8 or x.shape[-2] % 8:
             raise ValueError(f"UNet expects B x C x H x W with H, W divisible by 8, got {x.shape}")
         skips = []
@@ -48,4 +48,5 @@ class UNet(nn.Module):
             skips.append(x)
         for i in reversed(range(3)):
             x = self.dec[i](torch.cat([self.up[i](x), skips[i]], 1))
-        return F.relu(self.seg_map_conv(x))
+        out = self.seg_map_conv(x)
+        return F.relu(out) if self.cfg.head == "dist" else out
