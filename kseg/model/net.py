@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
+from kseg.model.recompute import recompute
 from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
 from kseg.model.ops import batch_norm_act, bn_affine, conv1x1
@@ -52,6 +53,9 @@ class KidneySegNet(nn.Module):
         self.concat_up = cfg.fix_decoder_concat_upsampled
         self.fast = impl == "fast"
         shared = cfg.dice_dim_kernels == "shared"
+        # Resolution levels (1 = full size) whose blocks are recomputed in backward instead of
+        # keeping their activations (train.recompute_levels; set by the train stage).
+        self.recompute_levels = 0
 
         def dice(name: str, c_in: int, c_out: int, size: int) -> None:
             block = DiCE(c_in, c_out, size, size, impl=impl, shared_dim_kernels=shared)
@@ -108,7 +112,26 @@ class KidneySegNet(nn.Module):
 
     def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """DiCE block ``conv<name>`` followed by its external BatchNorm ``bn<name>`` and ReLU."""
-        return getattr(self, f"conv{name}").forward_bn_relu(x, getattr(self, f"bn{name}"))
+        level = 1 + "18276354".index(name[0]) // 2  # 1/8 -> 1, 2/7 -> 2, 3/6 -> 3, 4/5 -> 4
+        fn = getattr(self, f"conv{name}").forward_bn_relu
+        return self._run(level, fn, x, getattr(self, f"bn{name}"))
+
+    def _run(self, level: int, fn, *args):  # noqa: ANN001, ANN202 (any module call)
+        """``fn(*args)``, recomputed in backward when ``level`` is a recomputed level."""
+        if level <= self.recompute_levels and self.training and torch.is_grad_enabled():
+            return recompute(self, fn, *args)
+        return fn(*args)
+
+    def _block_b(
+        self, name: str, x: torch.Tensor, feats: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """A block whose raw DiCE output is a named feature (``conv4b``, ``conv6b``...)."""
+        if feats is None and self.recompute_levels:
+            return self._block(name, x)  # the same function, with the raw output not kept
+        raw = getattr(self, f"conv{name}")(x)
+        if feats is not None:
+            feats[f"conv{name}"] = raw
+        return self._bn_relu(raw, getattr(self, f"bn{name}"))
 
     def check_input_shape(self, x: torch.Tensor) -> None:
         """Raises ValueError unless ``x`` is B x C x H x W with H, W multiples of 8."""
@@ -135,28 +158,25 @@ class KidneySegNet(nn.Module):
                 names (``conv4b`` = raw DiCE output, ``aspp``, ``conv6b``, ``att3``, ``conv8b``).
         """
         self.check_input_shape(x)
-        feats = features if features is not None else {}
+        feats = features  # filled only when asked for (tests compare them with the original)
         pool = _max_pool2 if self.fast else (lambda t: F.max_pool2d(t, 2))
         e1 = self._stem(x)
         e1 = self._block("1b", e1)  # B x n x H x W
         e2 = self._block("2b", self._block("2a", pool(e1)))  # 2n @ H/2
         e3 = self._block("3b", self._block("3a", pool(e2)))  # 4n @ H/4
-        e4 = self._block("4a", pool(e3))
-        raw = self.conv4b(e4)
-        feats["conv4b"] = raw
-        e4 = self._bn_relu(raw, self.bn4b)  # 8n @ H/8
-        d = self.aspp(e4)
-        feats["aspp"] = d
+        e4 = self._block_b("4b", self._block("4a", pool(e3)), feats)  # 8n @ H/8
+        d = self._run(4, self.aspp, e4)
+        if feats is not None:
+            feats["aspp"] = d
         for i, (skip, name) in enumerate(((e3, "6"), (e2, "7"), (e1, "8"))):
-            gated = getattr(self, f"att{i + 1}")(skip, d)
-            feats[f"att{i + 1}"] = gated
+            gated = self._run(3 - i, getattr(self, f"att{i + 1}"), skip, d)
+            if feats is not None:
+                feats[f"att{i + 1}"] = gated
             parts = [gated, skip]
             if self.concat_up:
                 parts.append(getattr(self, f"upconv{i + 1}")(d))
             d = self._block(f"{name}a", torch.cat(parts, 1))
-            raw = getattr(self, f"conv{name}b")(d)
-            feats[f"conv{name}b"] = raw
-            d = self._bn_relu(raw, getattr(self, f"bn{name}b"))
+            d = self._block_b(f"{name}b", d, feats)
         if self.fast:
             out = conv1x1(d, self.seg_map_conv.weight, self.seg_map_conv.bias)
         else:
