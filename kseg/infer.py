@@ -203,7 +203,8 @@ def predict_maps(
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else image
     hh, ww = padded.shape[:2]
     device = torch.device(device)
-    pixels = torch.from_numpy(np.ascontiguousarray(padded)).to(device)  # uint8, once
+    # uint8, sent once (a copy: the image may be a read-only array)
+    pixels = torch.from_numpy(np.array(padded, dtype=np.uint8, order="C")).to(device)
     weights = _window_weights(tile, device)
     acc: torch.Tensor | None = None
     weight_sum = torch.zeros((hh, ww), dtype=torch.float32, device=device)
