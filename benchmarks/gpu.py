@@ -129,9 +129,10 @@ def _print_rows(title: str, rows: dict[str, dict[str, float]]) -> None:
     base = rows["fp32"]["tiles_per_s"]
     print(f"  {title}")
     for precision, row in rows.items():
+        rate = row["tiles_per_s"]
         print(
-            f"    {precision:5s} {row['tiles_per_s']:9.2f} tiles/s  x{row['tiles_per_s'] / base:5.2f}"
-            f" vs fp32  peak {row['peak_mib']:8.0f} MiB"
+            f"    {precision:5s} {rate:9.2f} tiles/s  x{rate / base:5.2f} vs fp32"
+            f"  peak {row['peak_mib']:8.0f} MiB"
         )
 
 
@@ -205,8 +206,9 @@ def tnbc_runs(epochs: int, samples: int, device: str, tiny: bool) -> dict[str, f
             times[precision] = _kseg(["train", "--params", "params.yaml", "--fresh"], project)
             shutil.rmtree(project / ".checkpoints", ignore_errors=True)
             summary = json.loads((project / "metrics" / "train.json").read_text())
+            speedup = times["fp32"] / times[precision]
             print(
-                f"    {precision:5s} {times[precision]:7.1f} s  x{times['fp32'] / times[precision]:5.2f}"
+                f"    {precision:5s} {times[precision]:7.1f} s  x{speedup:5.2f}"
                 f" vs fp32  best epoch {summary['best_epoch']} {summary['select_metric']} "
                 f"{summary['best_score']:.4f}"
             )
