@@ -28,6 +28,10 @@ app = typer.Typer(
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).", dir_okay=False)
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="auto, cpu, cuda or cuda:N (default: train.device of the params)."),
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -248,6 +252,7 @@ def evaluate(
     model: Annotated[
         Path | None, typer.Option(help="Model folder (default: train.out_dir).")
     ] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Segment the held-out test patients; write metrics/eval.json, per-tile table, overlays."""
     cfg = _load(params)
@@ -255,7 +260,7 @@ def evaluate(
     from kseg.evaluate import evaluate as run_evaluate
 
     try:
-        summary = run_evaluate(cfg, model)
+        summary = run_evaluate(cfg, model, device)
     except (OSError, ValueError) as err:
         _fail(f"evaluate failed: {err}")
     keys = ("pixel_f1", "object_f1", "aji", "pq")
@@ -275,6 +280,7 @@ def register(
     metrics: Annotated[
         Path, typer.Option(help="Test metrics of that model.", dir_okay=False)
     ] = Path("metrics/eval.json"),
+    device: DeviceOpt = None,
 ) -> None:
     """Register the model in MLflow; move the champion alias only if it beats the champion."""
     cfg = _load(params)
@@ -284,7 +290,7 @@ def register(
     from kseg.registry import register as run_register
 
     try:
-        report = run_register(cfg, model, metrics)
+        report = run_register(cfg, model, metrics, device)
     except (OSError, ValueError, MlflowException) as err:
         _fail(f"register failed: {err}")
     typer.echo(f"{report['model_uri']}: {report['decision']} ({report['reason']})")
@@ -297,14 +303,26 @@ def predict(
         str, typer.Option(help="Model folder or MLflow URI, e.g. models:/kseg@champion.")
     ] = "models/kseg",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 4,
+    dtype: Annotated[
+        str, typer.Option(help="float32, or float16 / bfloat16 (autocast, GPU).")
+    ] = "float32",
 ) -> None:
     """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON."""
     _setup_logging()
     from kseg.predict import predict as run_predict
 
     try:
-        report = run_predict(inputs, model, out, device=device, progress=sys.stderr.isatty())
+        report = run_predict(
+            inputs,
+            model,
+            out,
+            device=device,
+            progress=sys.stderr.isatty(),
+            batch_size=batch_size,
+            dtype=dtype,
+        )
     except (OSError, ValueError) as err:
         _fail(str(err))
     for path in report.skipped:

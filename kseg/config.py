@@ -202,10 +202,43 @@ class TrainConfig:
         "aji", help="validation score that picks the best epoch (after post-processing)"
     )
     early_stopping_patience: int = _f(0, min=0, help="epochs without improvement; 0 = off")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto")
+    device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", help="auto = CUDA when present; also used by evaluate and register (re-scoring)"
+    )
     amp: bool = _f(True, help="automatic mixed precision (CUDA only)")
+    amp_dtype: Literal["float16", "bfloat16"] = _f(
+        "float16", help="AMP precision: float16 (with a GradScaler) or bfloat16 (no scaler)"
+    )
     channels_last: bool = _f(True, help="channels_last memory format (CUDA only)")
     threads: int = _f(0, min=0, max=512, help="torch CPU threads; 0 = torch's default")
+    workers: int = _f(
+        0,
+        min=0,
+        max=256,
+        help="DataLoader worker processes; 0 = load in the training process (the CPU default); "
+        "about 8 per GPU keeps one busy. Batches do not depend on it",
+    )
+    deterministic: bool = _f(
+        True,
+        help="deterministic algorithms (cudnn autotune off, CUBLAS_WORKSPACE_CONFIG on CUDA); "
+        "false lets cuDNN pick the fastest kernels",
+    )
+    check_every: int = _f(
+        0,
+        min=0,
+        help="steps between host-side NaN/inf checks of the loss (one GPU sync each; always "
+        "at epoch end); 0 = every step on CPU, every 50 on CUDA",
+    )
+    infer_batch_size: int = _f(
+        4, min=1, max=4096, help="windows per forward pass in validation, evaluate and register"
+    )
+    dist_timeout_min: float = _f(
+        60.0,
+        min=1.0,
+        max=10_080.0,
+        help="DDP collective timeout (minutes): the other ranks wait this long for rank 0's "
+        "validation and post-processing fit",
+    )
     checkpoint_dir: str = _f(".checkpoints", help="resumable checkpoints, one folder per config")
     out_dir: str = _f("models/kseg", help="the model folder evaluate/register/predict use")
     experiment: str = _f("kseg", help="MLflow experiment name")

@@ -31,8 +31,13 @@ EVAL_KEYS = ("pixel_f1", "pixel_iou", "dice", "object_f1", "aji", "pq", "dq", "s
 EXTRA_KEYS = ("object_precision", "object_recall")
 
 
-def evaluate(params: Params, model_dir: Path | None = None) -> dict[str, Any]:
-    """Runs the evaluate stage and returns the contents of ``metrics/eval.json``."""
+def evaluate(
+    params: Params, model_dir: Path | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """Runs the evaluate stage and returns the contents of ``metrics/eval.json``.
+
+    ``device`` (default: ``train.device``) is where the network runs (kseg.device).
+    """
     from PIL import Image
 
     from kseg.metrics import segmentation_metrics
@@ -40,7 +45,9 @@ def evaluate(params: Params, model_dir: Path | None = None) -> dict[str, Any]:
     from kseg.segmenter import Segmenter
 
     model_dir = Path(model_dir or params.train.out_dir)
-    segmenter = Segmenter.from_folder(model_dir)
+    segmenter = Segmenter.from_folder(
+        model_dir, device or params.train.device, params.train.infer_batch_size
+    )
     prepared = Path(params.prepare.out_dir)
     split = load_split(prepared)
     if not split["test"]:

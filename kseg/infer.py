@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +111,32 @@ def blend_weight(tile: int) -> NDArray[np.float32]:
     return np.outer(ramp, ramp)
 
 
+def _window_weights(tile: int, device: torch.device) -> dict[tuple[bool, ...], torch.Tensor]:
+    """Blend weights on ``device``, keyed by which image borders a window touches.
+
+    ``(top, bottom, left, right)`` -> ``(tile, tile)`` float32, the outer product of the two
+    :func:`blend_ramp` s (the same float32 values as ``np.outer``). At most 16 kinds exist, so each
+    is built once per image instead of once per window.
+    """
+    out = {}
+    for top in (False, True):
+        for bottom in (False, True):
+            for left in (False, True):
+                for right in (False, True):
+                    ry = torch.from_numpy(blend_ramp(tile, top, bottom))
+                    rx = torch.from_numpy(blend_ramp(tile, left, right))
+                    out[top, bottom, left, right] = torch.outer(ry, rx).to(device)
+    return out
+
+
+def _standardize(preprocess: Preprocess, crops: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, 3)`` uint8 on any device -> ``(B, 3, H, W)`` float32, as ``to_tensor``."""
+    x = crops.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(preprocess.mean, device=crops.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=crops.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def _windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:
     for y in window_starts(h, tile, overlap):
         for x in window_starts(w, tile, overlap):
@@ -142,8 +169,12 @@ def predict_maps(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     head: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> NDArray[np.float32]:
     """Predicted maps of an RGB image of any size, ``(C, H, W)`` float32.
+
+    The image goes to ``device`` once (as uint8); windows are cut, standardized, run and blended
+    there, and only the blended maps come back, so a GPU does not wait for the host per batch.
 
     Args:
         model: Network in eval mode mapping ``(B, 3, tile, tile)`` to ``(B, C, tile, tile)``.
@@ -152,8 +183,10 @@ def predict_maps(
         tile: Window size (the model's tile size).
         overlap: Overlap of neighbouring windows in pixels (default: a quarter tile).
         batch_size: Windows per forward pass; bounds the network's memory.
-        device: Where the network runs.
+        device: Where the network runs (and the blending).
         head: ``dist`` or ``fg_dist`` (default: the model's own, see :func:`model_head`).
+        dtype: ``torch.float16`` / ``torch.bfloat16`` runs the network under autocast; None
+            (default) in float32. Blending is float32 either way.
 
     Returns:
         ``(C, H, W)`` float32 blended maps: the distance map (``dist``), or the foreground
@@ -169,24 +202,29 @@ def predict_maps(
     mode = "reflect" if ph < h and pw < w else "symmetric"
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else image
     hh, ww = padded.shape[:2]
-    acc: NDArray[np.float32] | None = None
-    weight_sum = np.zeros((hh, ww), np.float32)
+    device = torch.device(device)
+    # uint8, sent once (a copy: the image may be a read-only array)
+    pixels = torch.from_numpy(np.array(padded, dtype=np.uint8, order="C")).to(device)
+    weights = _window_weights(tile, device)
+    acc: torch.Tensor | None = None
+    weight_sum = torch.zeros((hh, ww), dtype=torch.float32, device=device)
     positions = list(_windows(hh, ww, tile, overlap))
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i : i + batch_size]
-        crops = np.stack([padded[y : y + tile, x : x + tile] for y, x in chunk])
-        x_in = preprocess.to_tensor(crops).to(device)
-        out = output_to_maps(model(x_in), head).float().cpu().numpy()  # (b, C, tile, tile)
+    for i in range(0, len(positions), max(1, batch_size)):
+        chunk = positions[i : i + max(1, batch_size)]
+        crops = torch.stack([pixels[y : y + tile, x : x + tile] for y, x in chunk])
+        x_in = _standardize(preprocess, crops)
+        amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with amp:
+            out = output_to_maps(model(x_in), head)
+        out = out.float()  # (b, C, tile, tile)
         if acc is None:
-            acc = np.zeros((out.shape[1], hh, ww), np.float32)
+            acc = torch.zeros((out.shape[1], hh, ww), dtype=torch.float32, device=device)
         for (y, x), pred in zip(chunk, out, strict=True):
-            weight = np.outer(
-                blend_ramp(tile, y == 0, y + tile >= hh), blend_ramp(tile, x == 0, x + tile >= ww)
-            )
+            weight = weights[y == 0, y + tile >= hh, x == 0, x + tile >= ww]
             acc[:, y : y + tile, x : x + tile] += pred * weight
             weight_sum[y : y + tile, x : x + tile] += weight
     assert acc is not None  # at least one window
-    return (acc / weight_sum)[:, :h, :w]
+    return (acc / weight_sum)[:, :h, :w].cpu().numpy()
 
 
 def predict_distance(

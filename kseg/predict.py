@@ -253,12 +253,22 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
 
 
 def predict(
-    inputs: list[Path], model: str, out_dir: Path, device: str = "cpu", progress: bool = True
+    inputs: list[Path],
+    model: str,
+    out_dir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+    batch_size: int = 4,
+    dtype: str | None = None,
 ) -> PredictReport:
-    """Segments every input image with ``model`` and writes the results into ``out_dir``."""
+    """Segments every input image with ``model`` and writes the results into ``out_dir``.
+
+    ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``batch_size`` windows per forward
+    pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32).
+    """
     from kseg.segmenter import Segmenter
 
-    segmenter = Segmenter.from_folder(resolve_model(model), device=device)
+    segmenter = Segmenter.from_folder(resolve_model(model), device, batch_size, dtype)
     report = PredictReport()
     files = list(iter_inputs(inputs, report))
     for path in _progress(files, progress):

@@ -124,15 +124,20 @@ def read_eval(path: Path, metric: str) -> dict[str, float]:
     }
 
 
-def score_model(model_dir: Path, prepared: Path, metric: str) -> float:
-    """Mean ``metric`` of a model folder over the test tiles, exactly as the evaluate stage does."""
+def score_model(
+    model_dir: Path, prepared: Path, metric: str, device: str = "cpu", batch_size: int = 4
+) -> float:
+    """Mean ``metric`` of a model folder over the test tiles, exactly as the evaluate stage does.
+
+    ``device``: where the network runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+    """
     import numpy as np
 
     from kseg.data.dataset import load_split, load_tiles
     from kseg.metrics import segmentation_metrics
     from kseg.segmenter import Segmenter
 
-    segmenter = Segmenter.from_folder(model_dir)
+    segmenter = Segmenter.from_folder(model_dir, device, batch_size)
     split = load_split(prepared)
     tiles = load_tiles(prepared / "images", prepared / "labels", split["test"])
     values = []
@@ -175,9 +180,15 @@ def _version_with_digest(client: Any, name: str, digest: str) -> Any | None:
 
 
 def champion_score(
-    client: Any, version: Any, cfg: RegisterConfig, split_sha: str, prepared: Path
+    client: Any,
+    version: Any,
+    cfg: RegisterConfig,
+    split_sha: str,
+    prepared: Path,
+    device: str = "cpu",
+    batch_size: int = 4,
 ) -> Champion:
-    """The champion's score on this test split (from its tags, or scored again).
+    """The champion's score on this test split (from its tags, or scored again on ``device``).
 
     Raises:
         ValueError: If the champion was scored on another split and re-evaluation is refused.
@@ -202,7 +213,7 @@ def champion_score(
     log.info("re-evaluating champion version %s on this test split (%s)", version.version, why)
     with tempfile.TemporaryDirectory() as tmp:
         folder = resolve_model(f"models:/{cfg.model_name}/{version.version}", Path(tmp))
-        value = score_model(folder, prepared, cfg.metric)
+        value = score_model(folder, prepared, cfg.metric, device, batch_size)
     return Champion(version.version, value, "re-evaluated on this test split")
 
 
@@ -315,9 +326,14 @@ def decide(
 
 
 def register(
-    params: Params, model_dir: Path | None = None, eval_path: Path | None = None
+    params: Params,
+    model_dir: Path | None = None,
+    eval_path: Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Runs the register stage; returns what it writes to ``metrics/register.json``.
+
+    ``device`` (default ``train.device``) is where a champion is re-scored, if it must be.
 
     Raises:
         ValueError: On missing inputs (the file is named), or a refused split mismatch.
@@ -344,7 +360,15 @@ def register(
     existing = _version_with_digest(client, cfg.model_name, digest)
     champion: Champion | None = None
     if holder is not None and (existing is None or existing.version != holder.version):
-        champion = champion_score(client, holder, cfg, split_sha, prepared)
+        champion = champion_score(
+            client,
+            holder,
+            cfg,
+            split_sha,
+            prepared,
+            device or params.train.device,
+            params.train.infer_batch_size,
+        )
 
     # Registry changes start here; the champion alias is the last one.
     if existing is None:

@@ -40,14 +40,30 @@ class Segmenter:
     stain: Any | None = None  # kseg.stain normalizer with .transform(rgb) -> rgb
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 4
+    dtype: torch.dtype | None = None  # autocast precision of the network; None = float32
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+    def from_folder(
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+        dtype: str | torch.dtype | None = None,
+    ) -> Segmenter:
         """Loads a model folder written by the train stage.
 
+        Args:
+            folder: The model folder.
+            device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`kseg.device.resolve_device`).
+            batch_size: Windows per forward pass.
+            dtype: ``float16`` / ``bfloat16`` (or the torch dtype) runs the network under
+                autocast; None or ``float32``: float32.
+
         Raises:
-            ValueError: If a required file is missing or malformed (the file is named).
+            ValueError: If a required file is missing or malformed (the file is named), or the
+                device is not available.
         """
+        from kseg.device import amp_dtype, resolve_device
         from kseg.model import load_model_folder, tune_cpu_allocator
 
         tune_cpu_allocator()  # reuse freed activation memory (see kseg.model.perf)
@@ -55,7 +71,7 @@ class Segmenter:
         if not folder.is_dir():
             raise ValueError(f"{folder}: not a model folder (run `kseg train` or give one)")
         model, model_cfg = load_model_folder(folder)
-        device = torch.device(device)
+        device = resolve_device(device)
         model.to(device).eval()
         params_path = folder / "params.json"
         from kseg.postprocess_fit import load_postprocess
@@ -70,7 +86,10 @@ class Segmenter:
             from kseg.stain import load_stain
 
             stain = load_stain(folder / "stain.json")
-        return cls(model, model_cfg, Preprocess.load(folder), post, stain, device)
+        precision = dtype if isinstance(dtype, torch.dtype) else amp_dtype(dtype)
+        return cls(
+            model, model_cfg, Preprocess.load(folder), post, stain, device, batch_size, precision
+        )
 
     def normalize(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Applies the trained stain normalization (identity when there is none)."""
@@ -86,6 +105,7 @@ class Segmenter:
             batch_size=self.batch_size,
             device=self.device,
             head=self.model_config.head,
+            dtype=self.dtype,
         )
 
     def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:

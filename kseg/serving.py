@@ -149,13 +149,25 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
     """Segments every row's image; holds no state until :meth:`load_context`."""
 
     def load_context(self, context: Any) -> None:
-        """Loads the kseg model folder logged as the ``model_folder`` artifact (on CPU)."""
+        """Loads the kseg model folder logged as the ``model_folder`` artifact.
+
+        The device, windows per batch and precision come from the pyfunc's ``model_config``
+        (``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``, keys ``device``,
+        ``batch_size``, ``dtype``), else from ``KSEG_DEVICE`` / ``KSEG_BATCH_SIZE`` /
+        ``KSEG_DTYPE``; defaults: ``cpu``, 4, float32. The device is resolved by
+        :func:`kseg.device.resolve_device` (``cuda`` without a GPU is an error at load time).
+        """
         import os
 
         from kseg.segmenter import Segmenter
 
-        device = os.environ.get("KSEG_DEVICE", "cpu")
-        self.segmenter = Segmenter.from_folder(context.artifacts[ARTIFACT_KEY], device=device)
+        config = dict(getattr(context, "model_config", None) or {})
+        device = config.get("device") or os.environ.get("KSEG_DEVICE", "cpu")
+        batch_size = int(config.get("batch_size") or os.environ.get("KSEG_BATCH_SIZE", "4"))
+        dtype = config.get("dtype") or os.environ.get("KSEG_DTYPE") or None
+        self.segmenter = Segmenter.from_folder(
+            context.artifacts[ARTIFACT_KEY], device, batch_size, dtype
+        )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -9,12 +9,18 @@
   ``train.checkpoint_dir/<fingerprint>`` (params, data, kseg sources, torch version); running the
   stage again continues from it and ends with the same weights as an uninterrupted run on CPU.
 - DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL
-  on GPUs, gloo on CPU); only rank 0 validates, logs and writes.
+  on GPUs, gloo on CPU); only rank 0 validates, logs and writes. Collective tensors live on the
+  training device (NCCL takes no CPU tensor) and the process group's timeout
+  (``train.dist_timeout_min``) covers rank 0's validation while the other ranks wait.
+- GPU: AMP in float16 (GradScaler) or bfloat16, DataLoader workers with pinned memory, and the
+  loss is accumulated on the device and checked for NaN every ``train.check_every`` steps, so a
+  step does not wait for the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -24,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 
 from kseg.config import Params, params_hash, save_config
 from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles
+from kseg.device import amp_dtype, resolve_device
 from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text
 from kseg.infer import Preprocess
 from kseg.tracking import Tracker, tracking_uri
@@ -65,31 +73,144 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda was asked for, but torch sees no CUDA device")
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return torch.device(f"cuda:{local_rank}")
-
-
 def seed_everything(seed: int) -> None:
-    """Seeds Python, numpy and torch; makes CPU kernels deterministic."""
+    """Seeds Python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (third-party code may use the global RNG)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
+def configure_determinism(device: torch.device, deterministic: bool) -> None:
+    """Makes ``train.deterministic`` do what it says, on CPU and CUDA.
+
+    Deterministic: ``torch.use_deterministic_algorithms`` (ops without a deterministic kernel
+    warn instead of failing), and on CUDA cuDNN autotuning off, deterministic cuDNN kernels and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when its handle is created, so this runs
+    before the first CUDA op; a value already set is kept). Otherwise cuDNN autotunes
+    (``cudnn.benchmark``) and kernels may be nondeterministic.
+    """
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if device.type != "cuda":
+        return
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def _init_distributed(device: torch.device, timeout_min: float = 60.0) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+        )
     return dist.get_rank(), dist.get_world_size()
+
+
+def stop_flag(device: torch.device) -> torch.Tensor:
+    """The early-stop flag rank 0 broadcasts after each epoch, on the training device.
+
+    NCCL broadcasts device tensors only (a CPU tensor fails); gloo takes CPU tensors.
+    """
+    return torch.zeros(1, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data loading
+# --------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)``: the epoch travels with each index, to the loading process.
+
+    With persistent DataLoader workers, ``dataset.set_epoch`` in the training process would not
+    reach the workers' copies of the dataset; :class:`EpochDataset` sets it from the index.
+    ``set_epoch`` also reseeds the wrapped sampler (DistributedSampler's epoch, or the
+    RandomSampler's generator), as the training loop did.
+    """
+
+    def __init__(self, base: torch.utils.data.Sampler[int], seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects ``epoch``'s order and random stream."""
+        self.epoch = epoch
+        if isinstance(self.base, torch.utils.data.DistributedSampler):
+            self.base.set_epoch(epoch)
+        elif isinstance(self.base, torch.utils.data.RandomSampler) and self.base.generator:
+            self.base.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """A :class:`TrainDataset` indexed by ``(epoch, index)`` (see :class:`EpochSampler`)."""
+
+    def __init__(self, base: TrainDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        if self.base.epoch != epoch:
+            self.base.set_epoch(epoch)
+        return self.base[index]
+
+
+def _seed_worker(seed: int, worker_id: int) -> None:
+    """Seeds a DataLoader worker's global RNGs from (seed, worker id).
+
+    The samples do not depend on it (each is drawn from ``default_rng([seed, epoch, index])``);
+    this only pins down third-party code that reads the global RNGs.
+    """
+    random.seed(seed * 1_000_003 + worker_id)
+    np.random.seed((seed * 1_000_003 + worker_id) % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed * 1_000_003 + worker_id)
+
+
+def build_loader(
+    dataset: TrainDataset,
+    batch_size: int,
+    seed: int,
+    workers: int = 0,
+    device: torch.device | None = None,
+    world: int = 1,
+) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """The training DataLoader and its sampler (call ``sampler.set_epoch(e)`` before epoch e).
+
+    ``workers`` processes load batches ahead of the step (persistent across epochs); memory is
+    pinned when training on CUDA so host-to-device copies can overlap. The batches are the same
+    for any number of workers.
+    """
+    import functools
+
+    base: torch.utils.data.Sampler[int]
+    if world > 1:
+        base = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
+    else:
+        base = torch.utils.data.RandomSampler(dataset, generator=torch.Generator())
+    sampler = EpochSampler(base, seed)
+    loader = torch.utils.data.DataLoader(
+        EpochDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=len(dataset) > batch_size,
+        num_workers=workers,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(_seed_worker, seed) if workers > 0 else None,
+    )
+    return loader, sampler
 
 
 def _optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -191,14 +312,24 @@ def save_checkpoint(
     sched: Any,
     state: TrainState,
     best_state: dict[str, torch.Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | None = None,
 ) -> None:
-    """Writes the resumable checkpoint atomically (temp file + rename)."""
+    """Writes the resumable checkpoint atomically (temp file + rename).
+
+    Besides weights, optimizer and scheduler: the CPU RNG, the CUDA RNG of the training GPU (when
+    on CUDA) and the GradScaler's state (loss scale and growth tracker of an fp16 AMP run).
+    """
+    on_cuda = device is not None and device.type == "cuda"
+    cuda_rng = torch.cuda.get_rng_state(device) if on_cuda else torch.empty(0, dtype=torch.uint8)
     payload = {
         "model": model.state_dict(),
         "best_model": best_state,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": cuda_rng,
         "epoch": state.epoch,
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
@@ -215,6 +346,38 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
         raise ValueError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
+
+
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | None = None,
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Loads a checkpoint's states into the run's objects; returns the TrainState and best weights.
+
+    The CUDA RNG is restored when both the checkpoint and this run are on CUDA; the scaler's
+    state when the checkpoint has one (a run without AMP stores none).
+    """
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    cuda_rng = ckpt.get("cuda_rng")
+    if device is not None and device.type == "cuda" and cuda_rng is not None and cuda_rng.numel():
+        torch.cuda.set_rng_state(cuda_rng, device)
+    state = TrainState(
+        epoch=ckpt["epoch"],
+        best_score=ckpt["best_score"],
+        best_epoch=ckpt["best_epoch"],
+        history=list(ckpt["history"]),
+        run_id=ckpt["run_id"] or None,
+    )
+    return state, ckpt["best_model"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,34 +444,65 @@ def _train_epoch(
     cfg = params.train
     model.train()
     use_amp = cfg.amp and device.type == "cuda"
+    dtype = amp_dtype(cfg.amp_dtype) or torch.float16
     fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else None
-    total, count, start = 0.0, 0, time.perf_counter()
+    check_every = cfg.check_every or (50 if device.type == "cuda" else 1)
+    watch = DivergenceWatch(device)
+    # Sums in float64 on the device: the same numbers as a host-side float sum, without a sync.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count, start, shown = 0, time.perf_counter(), float("nan")
     for step, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             pred = model(x)
         loss = loss_fn(cfg.loss, cfg.fg_loss_weight, pred.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; the run stops and "
-                "the last good checkpoint is kept (lower train.lr or check the data)"
-            )
+        watch.record(loss.detach(), step)
+        if (step + 1) % check_every == 0:  # before the update: on CPU, every step as before
+            watch.raise_if_diverged(epoch)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        total += loss.item() * len(x)
+        total += loss.detach().double() * len(x)
         count += len(x)
         if progress is not None:
+            if (step + 1) % check_every == 0:
+                shown = loss.item()
             rate = count / max(time.perf_counter() - start, 1e-9)
-            progress.update(
-                progress.task_ids[0], advance=1, epoch=epoch + 1, loss=loss.item(), rate=rate
-            )
+            progress.update(progress.task_ids[0], advance=1, epoch=epoch + 1, loss=shown, rate=rate)
+    watch.raise_if_diverged(epoch)
     seconds = time.perf_counter() - start
-    return {"train_loss": total / max(count, 1), "tiles_per_s": count / max(seconds, 1e-9)}
+    return {"train_loss": total.item() / max(count, 1), "tiles_per_s": count / max(seconds, 1e-9)}
+
+
+class DivergenceWatch:
+    """Remembers the first non-finite loss of an epoch on the device; the host asks when it likes.
+
+    ``record`` queues two tiny device ops per step (no sync); ``raise_if_diverged`` syncs once and
+    raises :class:`TrainingDiverged` naming the first bad step and its loss.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        """Notes ``loss`` of ``step`` (0-based) if it is the first non-finite one."""
+        new = (self.first < 0) & ~torch.isfinite(loss)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss.double(), self.value)
+
+    def raise_if_diverged(self, epoch: int) -> None:
+        """Raises TrainingDiverged if any recorded loss was NaN or infinite."""
+        first = int(self.first.item())
+        if first >= 0:
+            raise TrainingDiverged(
+                f"loss is {self.value.item()} at epoch {epoch + 1}, step {first + 1}; the run "
+                "stops and the last good checkpoint is kept (lower train.lr or check the data)"
+            )
 
 
 def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 (one linear story)
@@ -327,12 +521,12 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     tune_cpu_allocator()  # reuse freed activation memory (3-5x faster elementwise ops on CPU)
     cfg = params.train
     device = resolve_device(cfg.device)
-    rank, world = _init_distributed(device)
+    configure_determinism(device, cfg.deterministic)  # before the first CUDA op (cuBLAS)
+    rank, world = _init_distributed(device, cfg.dist_timeout_min)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
     seed_everything(params.seed)
 
     split, train_tiles, val_tiles = _load_data(params)
@@ -345,22 +539,14 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(params, model)
     sched = _scheduler(params, opt)
+    # fp16 needs loss scaling; bf16 has float32's range and does not.
+    use_scaler = cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     state = TrainState()
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        best_state = ckpt["best_model"]
-        state = TrainState(
-            epoch=ckpt["epoch"],
-            best_score=ckpt["best_score"],
-            best_epoch=ckpt["best_epoch"],
-            history=list(ckpt["history"]),
-            run_id=ckpt["run_id"] or None,
-        )
+        state, best_state = restore_checkpoint(ckpt, model, opt, sched, scaler, device)
         if rank == 0:
             log.info("resuming from %s after epoch %d", ckpt_path, state.epoch)
 
@@ -373,20 +559,14 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         _build_augment(params),
         head=params.model.head,
     )
-    sampler: torch.utils.data.Sampler[int]
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=params.seed)
-    else:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator())
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(dataset) > cfg.batch_size
+    loader, sampler = build_loader(
+        dataset, cfg.batch_size, params.seed, cfg.workers, device=device, world=world
     )
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
 
     tracker = Tracker(enabled=rank == 0)
     tracker.start(params, str(device), run_id=state.run_id)
@@ -406,13 +586,10 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             )
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
-            if isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(epoch)
-            else:
-                sampler.generator.manual_seed(params.seed * 1_000_003 + epoch)
+            sampler.set_epoch(epoch)
             row = _train_epoch(params, net, loader, opt, scaler, device, epoch, progress)
             sched.step()
-            stop = torch.zeros(1)
+            stop = stop_flag(device)  # NCCL broadcasts device tensors only
             if rank == 0:
                 row.update(
                     validate_epoch(params, model, val_tiles, preprocess, device, tracker, epoch)
@@ -427,7 +604,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                 state.epoch = epoch + 1
                 state.history.append({"epoch": epoch + 1, **row})
                 tracker.log_metrics(row, step=epoch + 1)
-                save_checkpoint(ckpt_path, model, opt, sched, state, best_state)
+                save_checkpoint(ckpt_path, model, opt, sched, state, best_state, scaler, device)
                 _log_epoch(state, row, cfg.epochs)
                 patience = cfg.early_stopping_patience
                 if patience and state.epoch - state.best_epoch >= patience:

@@ -56,7 +56,13 @@ def validate_epoch(
         ):
             head = params.model.head
             pred = predict_maps(
-                model, image, preprocess, params.model.tile_size, device=device, head=head
+                model,
+                image,
+                preprocess,
+                params.model.tile_size,
+                batch_size=params.train.infer_batch_size,
+                device=device,
+                head=head,
             )
             losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))
             if maps_out is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kseg.model.dice import DiCE
-from kseg.model.ops import conv1x1
+from kseg.model.ops import conv1x1, cpu_kernels
 
 
 class ConvBNReLU(nn.Sequential):
@@ -107,7 +107,8 @@ class AttentionGate(nn.Module):
         c_x: Channels of the skip.
         c_g: Channels of the gating signal.
         mid: Intermediate channels (the original uses ``c_x``).
-        impl: ``fast`` (1x1 convs as matrix products, same function) or ``reference``.
+        impl: ``fast`` (1x1 convs as matrix products, same function; CPU float32 only, see
+            :func:`kseg.model.ops.cpu_kernels`) or ``reference``.
     """
 
     def __init__(self, c_x: int, c_g: int, mid: int, impl: str = "fast") -> None:
@@ -120,7 +121,7 @@ class AttentionGate(nn.Module):
         self.resamp = nn.Conv2d(1, c_x, 1)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.impl == "fast" and x.dim() == 4:
+        if self.impl == "fast" and x.dim() == 4 and cpu_kernels(x):
             return self._forward_fast(x, g)
         gu = self.upconv(self.lg(g))  # B x mid x 2s x 2s
         self._check(x, gu)

@@ -39,6 +39,7 @@ from torch import nn
 from kseg.model.ops import (
     batch_norm_act,
     bn_affine,
+    cpu_kernels,
     dice_mix,
     fused_eval_active,
     gated_output,
@@ -155,8 +156,10 @@ class DiCE(nn.Module):
         return f"size={size}, k={self.k}, dil={self.dil}, impl={self.impl}"
 
     def _dim_size(self, x: torch.Tensor, dim: int) -> int:
-        """Rows (dim 2) or columns (dim 3) the dimension-wise conv runs on: the built size, or
-        the input's own with shared kernels (no resizing)."""
+        """Rows (dim 2) or columns (dim 3) the dimension-wise conv runs on.
+
+        The built size, or the input's own with shared kernels (no resizing).
+        """
         if self.shared:
             return x.shape[dim]
         return self.height if dim == 2 else self.width
@@ -235,6 +238,10 @@ class DiCE(nn.Module):
             # B x W* x C x H is a channels-last *view* of contiguous NCHW. The kernel's axes are
             # (H, C) in the original; here the plane is (C, H), hence the transposed kernel.
             xv = xw.permute(0, 3, 1, 2)
+            if not cpu_kernels(x):
+                # The view is a oneDNN trick (its NHWC depthwise kernel); elsewhere (CUDA,
+                # autocast) the conv gets an ordinary contiguous input, as the reference's.
+                xv = xv.contiguous()
             pad = (self.k - 1) // 2 * d_w
             out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, n)
             out_w = out_w.permute(0, 2, 3, 1)  # B x C x H x W*
@@ -257,7 +264,7 @@ class DiCE(nn.Module):
         for j, z in enumerate(branches):
             sl = slice(j * c, (j + 1) * c)
             z = _bn_prelu_any_layout(z, bn3, pr3.weight[sl], sl)
-            wj = _col(wa[:, j])
+            wj = _col(wa[:, j]).to(z.dtype)  # keeps a half-precision (AMP) branch in its dtype
             y = z * wj if y is None else y.addcmul_(z, wj)
         y = batch_norm_act(y, wa_bn, "prelu", wa_pr.weight)
         gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1

@@ -14,6 +14,10 @@ where one elementwise pass costs about 4 ms):
 * :func:`conv1x1`: a 1x1 conv with one input or one output channel is a rank-1 update or a
   matrix-vector product (oneDNN: 8.9 ms for 32 -> 1 channels; ``matmul``: 2.3 ms).
 
+They are used only where they were measured to be faster: on CPU, in float32 (or float64), outside
+autocast (:func:`cpu_kernels`). On CUDA, and under autocast on any device (reduced precision), each
+falls back to the plain PyTorch op it replaces (cuDNN / cuBLAS kernels, autocast's dtype rules).
+
 Writing these as one fused kernel (C++ or ``torch.compile``) would save more memory passes; kseg
 stays with eager ATen ops so that it runs wherever PyTorch runs, without a compiler (measured:
 ``torch.compile`` of a whole DiCE block was slower than this eager code on CPU).
@@ -31,6 +35,20 @@ from torch import nn
 # Above this mean^2 / variance ratio, E[x^2] - E[x]^2 in float32 loses more than ~1e-5 of the
 # variance to cancellation, and the variance is recomputed from centred values (one more pass).
 _CANCELLATION_RATIO = 100.0
+
+
+def cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the hand-written CPU kernels of this module are used for ``x``.
+
+    True for a float32/float64 tensor on the CPU outside autocast: the case they were written and
+    measured for. Everywhere else (CUDA, half/bfloat16, autocast) the plain PyTorch ops are used,
+    which also follow autocast's casting rules (the hand-written PReLU does not).
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def col(v: torch.Tensor, ndim: int = 4) -> torch.Tensor:
@@ -60,7 +78,7 @@ def grouped_conv3x3(
     """
     c_in, c_out = x.shape[1], weight.shape[0]
     r = c_in // groups
-    if r == 1 or c_out != groups or x.dim() != 4:
+    if r == 1 or c_out != groups or x.dim() != 4 or not cpu_kernels(x):
         return F.conv2d(x, weight, bias, 1, 1, 1, groups)
     kh, kw = weight.shape[-2:]
     if bias is not None:  # carried by the first channel of each group: the sum adds it once
@@ -79,7 +97,12 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         bias: C_out or None.
     """
     c_out, c_in = weight.shape[:2]
-    if x.dim() != 4 or weight.shape[2:] != (1, 1) or (c_in != 1 and c_out != 1):
+    if (
+        x.dim() != 4
+        or weight.shape[2:] != (1, 1)
+        or (c_in != 1 and c_out != 1)
+        or not cpu_kernels(x)
+    ):
         return F.conv2d(x, weight, bias)
     if c_in == 1:  # rank-1: out[b, o] = w[o] * x[b, 0] + bias[o]
         if bias is None:
@@ -125,7 +148,15 @@ class _PReLUFn(torch.autograd.Function):
 
 
 def prelu(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Per-channel PReLU (channel = dim 1), same values and gradients as ``F.prelu``."""
+    """Per-channel PReLU (channel = dim 1), same values and gradients as ``F.prelu``.
+
+    Off the CPU float32 path (:func:`cpu_kernels`) this is ``F.prelu`` with the slopes cast to
+    ``x``'s dtype (autocast leaves PReLU's inputs as they are, so a half-precision activation
+    would otherwise meet float32 slopes); the cast is differentiable, the slopes' gradient comes
+    back in their own dtype.
+    """
+    if not cpu_kernels(x) or x.dtype != a.dtype:
+        return F.prelu(x, a.to(x.dtype))
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
         return _PReLUFn.apply(x, a)
     return F.prelu(x, a)
@@ -261,7 +292,7 @@ def batch_norm_act(
         momentum = 1.0 / float(bn.num_batches_tracked)  # cumulative average, as nn.BatchNorm
     if not bn.training:  # no running stats and eval mode: batch statistics, nothing updated
         rm = rv = None
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if cpu_kernels(x):
         return _BatchNormActFn.apply(x, weight, bias, prelu_weight, rm, rv, momentum, bn.eps, act)
     # GPU (cuDNN's fused BatchNorm is fast) and reduced precision (AMP): the plain ops.
     out = F.batch_norm(x, rm, rv, weight, bias, True, momentum, bn.eps)
@@ -292,7 +323,7 @@ def set_fused_eval(enabled: bool) -> None:
 
 def fused_eval_active(x: torch.Tensor) -> bool:
     """Whether :func:`dice_mix` and :func:`gated_output` run compiled for ``x`` (no autograd)."""
-    return _fused["enabled"] and not torch.is_grad_enabled() and x.device.type == "cpu"
+    return _fused["enabled"] and not torch.is_grad_enabled() and cpu_kernels(x)
 
 
 def _dice_mix(

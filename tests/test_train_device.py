@@ -1,0 +1,138 @@
+"""Training's device, data-loading and checkpoint plumbing, tested on CPU.
+
+Each test would have caught a GPU-only bug: a CPU stop flag that NCCL rejects, batches that
+change with the number of DataLoader workers, an fp16 run that resumes without its loss scale.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kseg import train as train_mod
+from kseg.data.dataset import Tiles, TrainDataset
+from kseg.device import amp_dtype, resolve_device
+from kseg.infer import Preprocess
+
+
+def test_stop_flag_lives_on_the_training_device() -> None:
+    for device in (torch.device("cpu"), torch.device("meta")):
+        flag = train_mod.stop_flag(device)
+        assert flag.device.type == device.type and flag.shape == (1,)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match="torch sees no CUDA device"):
+                resolve_device(name)
+    assert amp_dtype("bfloat16") is torch.bfloat16 and amp_dtype(None) is None
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        amp_dtype("int8")
+
+
+def _dataset(seed: int = 3) -> TrainDataset:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(5)]
+    labels = []
+    for _ in range(5):
+        lab = np.zeros((48, 48), np.int32)
+        y, x = rng.integers(4, 30, 2)
+        lab[y : y + 10, x : x + 12] = 1
+        labels.append(lab)
+    tiles = Tiles([f"t{i}" for i in range(5)], images, labels)
+    return TrainDataset(tiles, 32, Preprocess(), seed, samples_per_epoch=9)
+
+
+def _epochs(workers: int, epochs: int = 2) -> list[list[torch.Tensor]]:
+    dataset = _dataset()
+    loader, sampler = train_mod.build_loader(dataset, 2, seed=3, workers=workers)
+    out = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        out.append([torch.cat([x.flatten(), y.flatten()]) for x, y in loader])
+    return out
+
+
+def test_batches_do_not_depend_on_workers() -> None:
+    serial = _epochs(0)
+    assert len(serial[0]) == 4  # 9 samples, batch 2, drop_last
+    assert not torch.equal(serial[0][0], serial[1][0])  # each epoch draws anew
+    for run in (_epochs(2), _epochs(2)):  # persistent workers still see each epoch
+        assert len(run) == len(serial)
+        for a_epoch, b_epoch in zip(serial, run, strict=True):
+            for a, b in zip(a_epoch, b_epoch, strict=True):
+                assert torch.equal(a, b)
+
+
+def test_loader_options_follow_the_device() -> None:
+    loader, _ = train_mod.build_loader(_dataset(), 2, 3, workers=2, device=torch.device("cuda"))
+    assert loader.pin_memory and loader.persistent_workers and loader.num_workers == 2
+    loader, _ = train_mod.build_loader(_dataset(), 2, 3, workers=0, device=torch.device("cpu"))
+    assert not loader.pin_memory and not loader.persistent_workers
+
+
+def test_checkpoint_round_trip_keeps_scaler_state(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for _ in range(4):  # moves the scale and the growth tracker
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    state = train_mod.TrainState(epoch=2, best_score=0.5, best_epoch=1, history=[{"epoch": 1}])
+    path = tmp_path / "checkpoint.pt"
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    train_mod.save_checkpoint(path, model, opt, sched, state, best, scaler, torch.device("cpu"))
+
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(model2.parameters())
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda _: 1.0)
+    scaler2 = torch.amp.GradScaler("cpu")
+    ckpt = train_mod.load_checkpoint(path)  # weights_only=True
+    state2, best2 = train_mod.restore_checkpoint(ckpt, model2, opt2, sched2, scaler2)
+    assert scaler2.state_dict() == scaler.state_dict()
+    assert scaler2.get_scale() == scaler.get_scale() != 1024.0
+    assert state2 == state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]) and torch.equal(best[k], best2[k])
+    assert ckpt["cuda_rng"].numel() == 0  # a CPU run stores no CUDA RNG
+
+
+def test_divergence_watch_names_the_first_bad_step() -> None:
+    watch = train_mod.DivergenceWatch(torch.device("cpu"))
+    watch.record(torch.tensor(1.0), 0)
+    watch.raise_if_diverged(0)
+    watch.record(torch.tensor(float("inf")), 1)
+    watch.record(torch.tensor(float("nan")), 2)
+    with pytest.raises(train_mod.TrainingDiverged, match=r"loss is inf at epoch 4, step 2"):
+        watch.raise_if_diverged(3)
+
+
+def test_determinism_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    bench, det = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        train_mod.configure_determinism(torch.device("cuda"), True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+        train_mod.configure_determinism(torch.device("cuda"), False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, det
+        train_mod.configure_determinism(torch.device("cpu"), True)
