@@ -1,6 +1,6 @@
 """Training throughput (tiles/s): the data pipeline and full optimizer steps, CPU and GPU.
 
-Usage: python benchmarks/train.py [--quick] [--steps 3]
+Usage: python benchmarks/train.py [--quick] [--steps 3] [--recipe-only]
 
 Rows: the kseg default network (nfeat 16, 256 tiles) with the fast and the reference (line-by-line
 original) DiCE implementation, the original width (nfeat 32, 512 tiles, fast; reference only without
@@ -8,6 +8,12 @@ original) DiCE implementation, the original width (nfeat 32, 512 tiles, fast; re
 batch: forward, MSE loss, backward, Adam update (batch 2, the original's). The data row times
 `TrainDataset` (augmentation + distance target + crop) on synthetic tiles. With CUDA, the default
 network is also timed in fp32, AMP and AMP + channels_last.
+
+The recipe table sets the architectures side by side as the TNBC recipes train them (fg_dist
+head, AdamW, batch 4, 256 crops): tiles/s and the peak resident memory of a fresh process per
+row (``ru_maxrss`` of the child: torch, the model, Adam state, activations and the allocator's
+retained heap), for the U-Net, Kidney-SegNet at the default width and at the paper's width
+(nfeat 32 / mid 256), the latter with and without ``train.recompute_levels``.
 """
 
 from __future__ import annotations
@@ -49,11 +55,86 @@ def _step_time(model, x, y, steps: int, amp: bool = False, channels_last: bool =
     return float(np.median(times))
 
 
+RECIPE_ROWS = (
+    ("U-Net nfeat 32", {"arch": "unet", "nfeat": 32}, 0),
+    ("Kidney-SegNet nfeat 16, shared kernels", {"nfeat": 16, "mid_channels": 128}, 0),
+    ("Kidney-SegNet nfeat 32 / mid 256", {"nfeat": 32, "mid_channels": 256}, 0),
+    ("Kidney-SegNet nfeat 32 / mid 256, recompute 4", {"nfeat": 32, "mid_channels": 256}, 4),
+)
+
+
+def recipe_child(spec: str) -> None:
+    """One recipe row in this (fresh) process; prints a JSON line with s/step and peak RSS."""
+    import json
+    import resource
+
+    import torch
+
+    from kseg.config import params_from_dict
+    from kseg.model import build_model, tune_cpu_allocator
+    from kseg.train import loss_fn
+
+    raw = json.loads(spec)
+    tune_cpu_allocator()  # as kseg train does
+    model_kw = {"tile_size": 256, "head": "fg_dist", "dice_dim_kernels": "shared", **raw["model"]}
+    cfg = params_from_dict({"model": model_kw}).model
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    if hasattr(model, "recompute_levels"):
+        model.recompute_levels = raw["recompute"]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    x = torch.randn(4, 3, 256, 256)
+    y = (torch.rand(4, 2, 256, 256) > 0.5).float()
+    times = []
+    for i in range(raw["steps"] + 1):  # the first step is warm-up
+        start = time.perf_counter()
+        loss = loss_fn("mse", 1.0, model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    print(json.dumps({"seconds": float(np.median(times)), "peak_gb": peak_gb}))
+
+
+def recipe_table(steps: int) -> None:
+    """Prints tiles/s and peak memory of each architecture, one fresh process per row."""
+    import json
+    import subprocess
+
+    print("\nRecipe training (fg_dist head, AdamW, batch 4, 256 crops), one process per row\n")
+    print("| network | recompute | s / step | tiles / s | peak resident memory | x U-Net tiles/s |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for name, model_kw, recompute in RECIPE_ROWS:
+        spec = json.dumps({"model": model_kw, "recompute": recompute, "steps": steps})
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rate = 4 / row["seconds"]
+        base = base or rate
+        print(
+            f"| {name} | {recompute} | {row['seconds']:.2f} | {rate:.2f} | "
+            f"{row['peak_gb']:.2f} GB | {rate / base:.2f}x |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--recipe-only", action="store_true", help="only the recipe table")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        recipe_child(args.child)
+        return
+    recipe_table(1 if args.quick else args.steps)
+    if args.recipe_only:
+        return
 
     import torch
 

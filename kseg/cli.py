@@ -300,8 +300,12 @@ def register(
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     model: Annotated[
-        str, typer.Option(help="Model folder or MLflow URI, e.g. models:/kseg@champion.")
-    ] = "models/kseg",
+        str,
+        typer.Option(
+            help="Model folder, MLflow URI (models:/kseg@champion) or a shipped model "
+            "(pretrained = the TNBC model in the package, no training or network needed)."
+        ),
+    ] = "pretrained",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 4,

@@ -211,6 +211,13 @@ class TrainConfig:
     )
     channels_last: bool = _f(True, help="channels_last memory format (CUDA only)")
     threads: int = _f(0, min=0, max=512, help="torch CPU threads; 0 = torch's default")
+    recompute_levels: int = _f(
+        0,
+        min=0,
+        max=4,
+        help="kidney_segnet: recompute the blocks of the N finest resolution levels in backward "
+        "instead of storing their activations (less memory, ~1.3x step time; same weights)",
+    )
     workers: int = _f(
         0,
         min=0,
@@ -305,6 +312,12 @@ class PostprocessConfig:
     )
     marker_threshold: float = _f(
         0.5, min=0.0, max=1.0, help="fg_dist head: normalised distance of a nucleus core (marker)"
+    )
+    marker_h: float = _f(
+        0.0,
+        min=0.0,
+        max=1.0,
+        help="fg_dist head: markers are maxima of this dynamic (0..1); 0 = threshold components",
     )
     min_size: int = _f(0, min=0, max=1_000_000, help="instances below this many pixels are dropped")
     fit: bool = _f(

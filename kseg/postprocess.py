@@ -240,6 +240,7 @@ def fg_dist_watershed(
     fg_threshold: float = 0.5,
     marker_threshold: float = 0.5,
     min_size: int = 0,
+    marker_h: float = 0.0,
 ) -> NDArray[np.int32]:
     """Marker watershed of a foreground probability and a per-nucleus normalised distance map.
 
@@ -248,7 +249,10 @@ def fg_dist_watershed(
     1. foreground = ``fg_prob >= fg_threshold``;
     2. markers = 8-connected components of ``norm_dist >= marker_threshold`` inside the
        foreground: every nucleus peaks at 1 in the target, whatever its size, so one threshold
-       finds the cores of small and large nuclei alike;
+       finds the cores of small and large nuclei alike. With ``marker_h > 0`` the markers are
+       instead the regional maxima of the h-maxima transform of the map (DIST's dynamic, on the
+       0..1 scale) that reach ``marker_threshold``: two peaks of one large, irregular nucleus
+       whose saddle is less than ``marker_h`` deep become one marker;
     3. ``skimage.segmentation.watershed(-norm_dist, markers, mask=foreground)`` splits touching
        nuclei along the distance valley between their cores;
     4. foreground components that hold no marker become instances of their own (a faint or
@@ -260,6 +264,7 @@ def fg_dist_watershed(
         fg_threshold: Foreground cut.
         marker_threshold: Marker (nucleus core) cut.
         min_size: Smallest instance kept, in pixels.
+        marker_h: Dynamic of the markers on the 0..1 scale (0 = plain threshold components).
 
     Returns:
         ``(H, W)`` int32 labels 1..N (raster order of the markers), 0 = background.
@@ -280,13 +285,15 @@ def fg_dist_watershed(
     fg = fg_prob >= fg_threshold
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
-    n, markers = cv2.connectedComponents(
-        ((norm_dist >= marker_threshold) & fg).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
-    )
+    core = (norm_dist >= marker_threshold) & fg
+    if marker_h > 0:
+        f = (np.clip(norm_dist, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        core &= regional_maxima(h_maxima_transform(f, round(marker_h * 255)))
+    n, markers = cv2.connectedComponents(core.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     labels = watershed(-norm_dist, markers, mask=fg).astype(np.int32, copy=False)
     rest = fg & (labels == 0)
     if rest.any():
-        m, orphans = cv2.connectedComponents(
+        _, orphans = cv2.connectedComponents(
             rest.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
         )
         labels[rest] = orphans[rest] + (n - 1)
@@ -306,7 +313,7 @@ def postprocess_maps(maps: NDArray[np.floating], cfg: PostprocessConfig) -> NDAr
         raise ValueError(f"maps: expected (1 or 2, H, W), got shape {maps.shape}")
     if maps.shape[0] == 2:
         return fg_dist_watershed(
-            maps[0], maps[1], cfg.fg_threshold, cfg.marker_threshold, cfg.min_size
+            maps[0], maps[1], cfg.fg_threshold, cfg.marker_threshold, cfg.min_size, cfg.marker_h
         )
     labels = postprocess_from_config(maps[0], cfg)
     return remove_small(labels, cfg.min_size)

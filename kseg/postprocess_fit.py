@@ -27,9 +27,10 @@ POSTPROCESS_FILE = "postprocess.json"
 #: Values tried per head. fg_dist: probabilities; dist: the original's 0..255 scale.
 GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "fg_dist": {
-        "fg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-        "marker_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-        "min_size": (0, 10, 25, 50),
+        "fg_threshold": (0.4, 0.5, 0.6, 0.7),
+        "marker_threshold": (0.3, 0.4, 0.5, 0.6),
+        "marker_h": (0.0, 0.08, 0.16),
+        "min_size": (0, 20, 50),
     },
     "dist": {
         "h": (1, 2, 3, 5, 7, 10, 14, 20),
@@ -49,7 +50,7 @@ def fit_postprocess(
     """Grid search of the head's post-processing values on validation tiles.
 
     Args:
-        maps: ``(C, H, W)`` predicted maps of each validation tile (:func:`kseg.infer.predict_maps`).
+        maps: ``(C, H, W)`` predicted maps of each validation tile (``predict_maps``).
         labels: Ground-truth instance labels of the same tiles.
         base: The configured values; kept where the grid does not vary them.
         head: ``dist`` or ``fg_dist``.
@@ -61,34 +62,50 @@ def fit_postprocess(
         deterministic. With no tile, ``base`` is returned unchanged.
     """
     from kseg.metrics import segmentation_metrics
-    from kseg.postprocess import postprocess_maps
+    from kseg.postprocess import postprocess_maps, remove_small
 
     if head not in GRIDS:
         raise ValueError(f"model.head: no post-processing grid for {head!r}")
     if metric not in {"aji", "pq", "dq", "sq", "object_f1", "pixel_f1", "pixel_iou"}:
         metric = "aji"  # val_loss selection still fits thresholds on AJI
 
-    def score(cfg: PostprocessConfig) -> float:
-        values = [
-            segmentation_metrics(postprocess_maps(m, cfg), gt)[metric]
-            for m, gt in zip(maps, labels, strict=True)
-        ]
-        return float(np.mean(values))
-
     report: dict[str, Any] = {"metric": metric, "n_tiles": len(maps), "head": head}
     if not maps:
         report.update(score=None, base_score=None, grid=[])
         return base, report
     grid = GRIDS[head]
-    keys = list(grid)
+    keys = [k for k in grid if k != "min_size"]
+    sizes = grid.get("min_size", (base.min_size,))
+
+    truth = labels
+
+    def scores(cfg: PostprocessConfig) -> list[float]:
+        """Mean score of ``cfg`` for each minimum size (one watershed per tile for all sizes)."""
+        found = [postprocess_maps(m, replace(cfg, min_size=0)) for m in maps]
+        return [
+            float(
+                np.mean(
+                    [
+                        segmentation_metrics(remove_small(lab, size), gt)[metric]
+                        for lab, gt in zip(found, truth, strict=True)
+                    ]
+                )
+            )
+            for size in sizes
+        ]
+
     best, best_score, rows = base, -np.inf, []
     for values in itertools.product(*(grid[k] for k in keys)):
-        cfg = replace(base, **dict(zip(keys, values, strict=True)))
-        value = score(cfg)
-        rows.append({**dict(zip(keys, values, strict=True)), metric: round(value, 5)})
-        if value > best_score:
-            best, best_score = cfg, value
-    report.update(score=best_score, base_score=score(base), grid=rows)
+        point = dict(zip(keys, values, strict=True))
+        for size, value in zip(sizes, scores(replace(base, **point)), strict=True):
+            rows.append({**point, "min_size": size, metric: round(value, 5)})
+            if value > best_score:
+                best, best_score = replace(base, **point, min_size=size), value
+    pairs = zip(maps, truth, strict=True)
+    base_score = np.mean(
+        [segmentation_metrics(postprocess_maps(m, base), gt)[metric] for m, gt in pairs]
+    )
+    report.update(score=best_score, base_score=float(base_score), grid=rows)
     return best, report
 
 

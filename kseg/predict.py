@@ -222,12 +222,34 @@ def write_outputs(
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
-    """A local model folder, or an MLflow URI (``models:/kseg@champion``, ``runs:/...``).
+#: The model folders shipped inside the package (``--model pretrained:<name>``).
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_PRETRAINED = "tnbc_unet"
 
-    MLflow URIs are downloaded, then the kseg model folder inside the logged model (the folder
-    holding ``config.json``, ``model.pt`` and ``preprocess.json``) is returned.
+
+def pretrained_model(name: str = DEFAULT_PRETRAINED) -> Path:
+    """Folder of a model shipped with kseg (see its ``MODEL_CARD.md``).
+
+    Raises:
+        ValueError: If no shipped model has that name (the known names are listed).
     """
+    folder = PRETRAINED_DIR / name
+    if not (folder / "model.pt").is_file():
+        known = sorted(p.name for p in PRETRAINED_DIR.glob("*") if (p / "model.pt").is_file())
+        raise ValueError(f"pretrained:{name}: no such shipped model (shipped: {known or 'none'})")
+    return folder
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """A local model folder, a shipped model or an MLflow URI.
+
+    ``pretrained`` / ``pretrained:<name>`` is a model folder shipped inside the package (no
+    network). MLflow URIs (``models:/kseg@champion``, ``runs:/...``) are downloaded, then the kseg
+    model folder inside the logged model (the folder holding ``config.json``, ``model.pt`` and
+    ``preprocess.json``) is returned.
+    """
+    if spec == "pretrained" or spec.startswith("pretrained:"):
+        return pretrained_model(spec.partition(":")[2] or DEFAULT_PRETRAINED)
     path = Path(spec)
     if "://" not in spec and not spec.startswith(("models:/", "runs:/")):
         if not path.is_dir():

@@ -101,7 +101,7 @@ class Segmenter:
             self.model,
             self.normalize(rgb),
             self.preprocess,
-            self.model_config.tile_size,
+            self.model_config.window,
             batch_size=self.batch_size,
             device=self.device,
             head=self.model_config.head,

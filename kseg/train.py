@@ -535,6 +535,8 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     ckpt_path = Path(cfg.checkpoint_dir) / job / CHECKPOINT
 
     model = build_model(params.model).to(device)
+    if hasattr(model, "recompute_levels"):  # Kidney-SegNet only (the U-Net keeps little)
+        model.recompute_levels = cfg.recompute_levels
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(params, model)

@@ -59,7 +59,7 @@ def validate_epoch(
                 model,
                 image,
                 preprocess,
-                params.model.tile_size,
+                params.model.window,
                 batch_size=params.train.infer_batch_size,
                 device=device,
                 head=head,

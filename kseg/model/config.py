@@ -47,6 +47,9 @@ class ModelConfig:
             translation-equivariant and tiles are resized to ``tile_size``) or ``shared`` (one
             kernel for all rows / columns: an ordinary, translation-equivariant conv over the
             (C, W) / (H, C) planes that runs on any window size).
+        infer_window: Edge of the overlapping windows tiled inference runs the network on
+            (0 = ``tile_size``). Training crops stay ``tile_size``; a fully convolutional,
+            translation-equivariant network can segment larger windows at once.
         head: ``dist`` (the original: one channel, ReLU, regressing the 0..255 per-image
             min-max scaled distance map) or ``fg_dist`` (two raw channels: a foreground logit and
             a logit of the distance to the nucleus border divided by that nucleus's largest
@@ -81,6 +84,15 @@ class ModelConfig:
             "per column); shared = one each, translation-equivariant and any input size"
         },
     )
+    infer_window: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "max": 8192,
+            "help": "inference window edge; 0 = tile_size. Larger windows (more context, fewer "
+            "seams, fewer passes) need a size-agnostic network: unet or dice_dim_kernels shared",
+        },
+    )
     head: Literal["dist", "fg_dist"] = field(
         default="dist",
         metadata={
@@ -107,6 +119,21 @@ class ModelConfig:
             )
         if not self.aspp_rates or min(self.aspp_rates) < 1:
             raise ValueError(f"model.aspp_rates={self.aspp_rates}: need one or more rates >= 1")
+        if self.infer_window % 8:
+            raise ValueError(
+                f"model.infer_window={self.infer_window}: must be a multiple of 8 (or 0)"
+            )
+        if (
+            self.infer_window
+            and self.infer_window != self.tile_size
+            and self.arch == "kidney_segnet"
+            and self.dice_dim_kernels != "shared"
+        ):
+            raise ValueError(
+                f"model.infer_window={self.infer_window}: Kidney-SegNet with per-position DiCE "
+                f"kernels is built for {self.tile_size}x{self.tile_size} windows; use "
+                "model.dice_dim_kernels: shared or infer_window: 0"
+            )
         if self.arch == "kidney_segnet" and self.nfeat < 4:
             # The DiCE gate squeezes C -> C // 4; nfeat < 4 would give a zero-width layer.
             raise ValueError(f"model.nfeat={self.nfeat}: kidney_segnet needs nfeat >= 4")
@@ -138,6 +165,11 @@ class ModelConfig:
             dice_dim_kernels="per_position",
             head="dist",
         )
+
+    @property
+    def window(self) -> int:
+        """The inference window edge (``infer_window`` or ``tile_size``)."""
+        return self.infer_window or self.tile_size
 
     def with_(self, **changes: object) -> ModelConfig:
         """Returns a copy with ``changes`` applied (validated)."""

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
-from kseg.model.recompute import recompute
 from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
 from kseg.model.ops import batch_norm_act, bn_affine, conv1x1
+from kseg.model.recompute import recompute
 
 
 def _max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class KidneySegNet(nn.Module):
         fn = getattr(self, f"conv{name}").forward_bn_relu
         return self._run(level, fn, x, getattr(self, f"bn{name}"))
 
-    def _run(self, level: int, fn, *args):  # noqa: ANN001, ANN202 (any module call)
+    def _run(self, level: int, fn, *args):
         """``fn(*args)``, recomputed in backward when ``level`` is a recomputed level."""
         if level <= self.recompute_levels and self.training and torch.is_grad_enabled():
             return recompute(self, fn, *args)

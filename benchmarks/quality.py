@@ -1,0 +1,78 @@
+"""Segmentation quality of trained model folders, validation and test patients reported apart.
+
+Usage:
+    python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
+
+For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
+tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
+pixel F1 and pixel IoU per split, with the network + post-processing seconds per tile.
+``--post`` chooses the post-processing: ``fitted`` (the model folder's ``postprocess.json``, as
+evaluate/predict/serving use it; else params.json), ``params`` (the configured values), or
+``original`` (h 7 / threshold 28, no size filter; dist-head models only). Validation tiles chose
+the checkpoint and the fitted thresholds, so only the test columns are an unbiased estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KEYS = ("aji", "pq", "object_f1", "pixel_f1", "pixel_iou")
+
+
+def score_split(segmenter, tiles) -> tuple[dict[str, float], float]:
+    """Mean metrics over ``tiles`` and seconds per tile."""
+    from kseg.metrics import segmentation_metrics
+
+    rows, start = [], time.perf_counter()
+    for image, gt in zip(tiles.images, tiles.labels, strict=True):
+        pred, _ = segmenter.segment(image)
+        rows.append(segmentation_metrics(pred, gt))
+    seconds = (time.perf_counter() - start) / max(len(rows), 1)
+    return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--prepared", type=Path, default=Path("prepared"))
+    parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    from kseg.config import PostprocessConfig, params_from_dict
+    from kseg.data.dataset import load_split, load_tiles
+    from kseg.segmenter import Segmenter
+
+    split = load_split(args.prepared)
+    img, lab = args.prepared / "images", args.prepared / "labels"
+    tiles = {s: load_tiles(img, lab, split[s]) for s in ("val", "test")}
+    out = []
+    header = f"{'model':<28} {'split':<5} " + " ".join(f"{k:>9}" for k in KEYS) + "  s/tile"
+    print(header)
+    for folder in args.models:
+        seg = Segmenter.from_folder(folder)
+        if args.post == "params":
+            raw = json.loads((folder / "params.json").read_text())
+            seg.postprocess = params_from_dict(raw).postprocess
+        elif args.post == "original":
+            seg.postprocess = replace(PostprocessConfig(), min_size=0)
+        for name, t in tiles.items():
+            scores, seconds = score_split(seg, t)
+            out.append({"model": str(folder), "split": name, "post": args.post, **scores})
+            cells = " ".join(f"{scores[k]:>9.4f}" for k in KEYS)
+            print(f"{str(folder)[-28:]:<28} {name:<5} {cells}  {seconds:.3f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The model shipped in the package: `kseg predict` with no --model segments real TNBC tiles.
+
+The shipped folder (kseg/pretrained/tnbc_unet) holds a model card and `metrics.json` with the
+test-patient scores its training run measured; the README states the same AJI. Here `kseg predict`
+runs, with its default model and no network, on the raw TNBC test tiles of the shared data set,
+and the AJI of its label images must be within 0.02 of the stated value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from kseg.cli import app
+from kseg.data.prepare import to_labels
+from kseg.metrics import segmentation_metrics
+from kseg.predict import pretrained_model, resolve_model
+from tests.conftest import REPO
+
+TEST_PATIENTS = ("02", "06", "10")
+
+
+def _card() -> dict:
+    return json.loads((pretrained_model() / "metrics.json").read_text())
+
+
+def test_shipped_model_folder_is_complete_and_documented() -> None:
+    folder = pretrained_model()
+    for name in ("model.pt", "config.json", "preprocess.json", "postprocess.json", "params.json"):
+        assert (folder / name).is_file(), name
+    card = (folder / "MODEL_CARD.md").read_text()
+    for words in ("CC BY 4.0", "Naylor", "µm", "kseg train", "TNBC"):
+        assert words in card, words
+    assert resolve_model("pretrained") == folder == resolve_model("pretrained:tnbc_unet")
+    with pytest.raises(ValueError, match="no such shipped model"):
+        resolve_model("pretrained:nope")
+    # The README states the shipped model's test AJI (the number this test holds predict to).
+    aji = _card()["test"]["aji"]
+    assert f"{aji:.3f}" in (REPO / "README.md").read_text()
+
+
+def test_predict_without_model_option_segments_tnbc_as_stated(
+    tnbc_dir: Path, tmp_path: Path
+) -> None:
+    tiles = sorted(p for pat in TEST_PATIENTS for p in (tnbc_dir / f"Slide_{pat}").glob("*.png"))
+    assert len(tiles) == 10
+    result = CliRunner().invoke(app, ["predict", *map(str, tiles), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    scores = []
+    for tile in tiles:
+        gt, _ = to_labels(
+            np.asarray(Image.open(tnbc_dir / f"GT_{tile.parent.name[-2:]}" / tile.name))
+        )
+        pred = tifffile.imread(tmp_path / f"{tile.stem}_labels.tif")
+        assert pred.shape == gt.shape and pred.max() > 5
+        scores.append(segmentation_metrics(pred, gt)["aji"])
+    stated = _card()["test"]["aji"]
+    assert abs(float(np.mean(scores)) - stated) <= 0.02, (np.mean(scores), stated)
+    assert re.fullmatch(r"\d+\.\d+", f"{stated}")
