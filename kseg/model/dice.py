@@ -88,6 +88,19 @@ def resize_dim(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, out_hw)
 
 
+class _SharedKernelConv(nn.Conv2d):
+    """A 1 -> 1 channel k x k conv applied to every channel of its input (depthwise, one kernel).
+
+    The shared height-/width-wise conv of :class:`DiCE`: its input's channels are the rows (or
+    columns) of the block's input, and each of them is convolved with the same kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        w = self.weight.expand(n, 1, *self.kernel_size)
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, n)
+
+
 class DiCE(nn.Module):
     """Dimension-wise convolution block, C_in -> C_out, built for an H* x W* input.
 
@@ -128,16 +141,15 @@ class DiCE(nn.Module):
         self.c_in, self.c_out, self.height, self.width = c_in, c_out, height, width
         self.k, self.dil, self.impl = k, (d_c, d_h, d_w), impl
         self.shared = shared_dim_kernels
+        conv = _SharedKernelConv if shared_dim_kernels else nn.Conv2d
         n_w, n_h = (1, 1) if shared_dim_kernels else (width, height)
         pad = (k - 1) // 2
         self.conv_channel = nn.Conv2d(
             c_in, c_in, k, padding=pad * d_c, dilation=d_c, groups=c_in, bias=False
         )
         # Registered in the original's order (width before height) so state dicts list alike.
-        self.conv_width = nn.Conv2d(
-            n_w, n_w, k, padding=pad * d_w, dilation=d_w, groups=n_w, bias=False
-        )
-        self.conv_height = nn.Conv2d(
+        self.conv_width = conv(n_w, n_w, k, padding=pad * d_w, dilation=d_w, groups=n_w, bias=False)
+        self.conv_height = conv(
             n_h, n_h, k, padding=pad * d_h, dilation=d_h, groups=n_h, bias=False
         )
         self.br_act = _BR(3 * c_in)
@@ -185,14 +197,10 @@ class DiCE(nn.Module):
         # Height-wise: B x H* x C x W, one kernel per row over the (C, W) plane.
         n_h, n_w = self._dim_size(x, 2), self._dim_size(x, 3)
         xh = resize_dim(x.clone(), n_h, 2).transpose(1, 2).contiguous()
-        ch = self.conv_height
-        out_h = F.conv2d(xh, self._dim_weight(ch, n_h), None, 1, ch.padding, ch.dilation, n_h)
-        out_h = resize_dim(out_h.transpose(1, 2).contiguous(), h, 2)
+        out_h = resize_dim(self.conv_height(xh).transpose(1, 2).contiguous(), h, 2)
         # Width-wise: B x W* x H x C, one kernel per column over the (H, C) plane.
         xw = resize_dim(x.clone(), n_w, 3).transpose(1, 3).contiguous()
-        cw = self.conv_width
-        out_w = F.conv2d(xw, self._dim_weight(cw, n_w), None, 1, cw.padding, cw.dilation, n_w)
-        out_w = resize_dim(out_w.transpose(1, 3).contiguous(), w, 3)
+        out_w = resize_dim(self.conv_width(xw).transpose(1, 3).contiguous(), w, 3)
         y = self.br_act(torch.cat((out_c, out_h, out_w), 1))  # B x 3C x H x W
         b = y.shape[0]
         # Channel shuffle with 3 groups: [c0, h0, w0, c1, h1, w1, ...].
