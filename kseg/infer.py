@@ -170,6 +170,7 @@ def predict_maps(
     device: torch.device | str = "cpu",
     head: str | None = None,
     dtype: torch.dtype | None = None,
+    tta: str = "none",
 ) -> NDArray[np.float32]:
     """Predicted maps of an RGB image of any size, ``(C, H, W)`` float32.
 
@@ -187,6 +188,8 @@ def predict_maps(
         head: ``dist`` or ``fg_dist`` (default: the model's own, see :func:`model_head`).
         dtype: ``torch.float16`` / ``torch.bfloat16`` runs the network under autocast; None
             (default) in float32. Blending is float32 either way.
+        tta: Test-time augmentation: ``none``, or ``flips`` (the mean of the maps of the window
+            and of its horizontal, vertical and double flips, each flipped back; 4x the work).
 
     Returns:
         ``(C, H, W)`` float32 blended maps: the distance map (``dist``), or the foreground
@@ -215,7 +218,7 @@ def predict_maps(
         x_in = _standardize(preprocess, crops)
         amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         with amp:
-            out = output_to_maps(model(x_in), head)
+            out = _maps_with_tta(model, x_in, head, tta)
         out = out.float()  # (b, C, tile, tile)
         if acc is None:
             acc = torch.zeros((out.shape[1], hh, ww), dtype=torch.float32, device=device)
@@ -225,6 +228,27 @@ def predict_maps(
             weight_sum[y : y + tile, x : x + tile] += weight
     assert acc is not None  # at least one window
     return (acc / weight_sum)[:, :h, :w].cpu().numpy()
+
+
+#: Flipped dims of each test-time augmentation view (inputs are B x C x H x W).
+TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flips": ((), (3,), (2,), (2, 3)),
+}
+
+
+def _maps_with_tta(model: torch.nn.Module, x: torch.Tensor, head: str, tta: str) -> torch.Tensor:
+    """Mean of the maps of every TTA view of ``x``, each mapped back to ``x``'s frame."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"model.infer_tta: unknown {tta!r}; expected one of {list(TTA_VIEWS)}")
+    total: torch.Tensor | None = None
+    for dims in TTA_VIEWS[tta]:
+        view = x.flip(dims) if dims else x
+        maps = output_to_maps(model(view), head)
+        maps = maps.flip(dims) if dims else maps
+        total = maps if total is None else total.add_(maps)
+    assert total is not None
+    return total / len(TTA_VIEWS[tta])
 
 
 def predict_distance(

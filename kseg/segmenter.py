@@ -105,6 +105,7 @@ class Segmenter:
             batch_size=self.batch_size,
             device=self.device,
             head=self.model_config.head,
+            tta=self.model_config.infer_tta,
             dtype=self.dtype,
         )
 

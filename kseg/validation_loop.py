@@ -63,6 +63,7 @@ def validate_epoch(
                 batch_size=params.train.infer_batch_size,
                 device=device,
                 head=head,
+                tta=params.model.infer_tta,
             )
             losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))
             if maps_out is not None:

@@ -159,3 +159,23 @@ def test_fg_dist_loss_is_lowest_at_the_target_and_has_gradients() -> None:
     pred = torch.zeros_like(target, requires_grad=True)
     loss_fn("mse", 1.0, pred, target).backward()
     assert pred.grad[:, 0].abs().sum() > 0 and pred.grad[:, 1].abs().sum() > 0
+
+
+def test_flip_tta_makes_predictions_flip_equivariant() -> None:
+    from kseg.infer import Preprocess, predict_maps
+    from kseg.model import build_model
+    from kseg.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="unet", nfeat=4, tile_size=64, head="fg_dist")).eval()
+    img = np.random.default_rng(0).integers(0, 255, (100, 90, 3), dtype=np.uint8)
+    plain = predict_maps(model, img, Preprocess(), 64)
+    tta = predict_maps(model, img, Preprocess(), 64, tta="flips")
+    flipped = predict_maps(model, img[:, ::-1], Preprocess(), 64, tta="flips")[:, :, ::-1]
+    assert tta.shape == (2, 100, 90) and ((tta >= 0) & (tta <= 1)).all()
+    np.testing.assert_allclose(flipped, tta, atol=1e-6)  # the mean over flips is flip-invariant
+    assert (
+        np.abs(predict_maps(model, img[:, ::-1], Preprocess(), 64)[:, :, ::-1] - plain).max() > 1e-4
+    )
+    with pytest.raises(ValueError, match="infer_tta"):
+        predict_maps(model, img, Preprocess(), 64, tta="rot")

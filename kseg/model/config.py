@@ -50,6 +50,8 @@ class ModelConfig:
         infer_window: Edge of the overlapping windows tiled inference runs the network on
             (0 = ``tile_size``). Training crops stay ``tile_size``; a fully convolutional,
             translation-equivariant network can segment larger windows at once.
+        infer_tta: Test-time augmentation at inference (validation, evaluate, predict, serving):
+            ``flips`` averages the maps of the window and its three flips.
         head: ``dist`` (the original: one channel, ReLU, regressing the 0..255 per-image
             min-max scaled distance map) or ``fg_dist`` (two raw channels: a foreground logit and
             a logit of the distance to the nucleus border divided by that nucleus's largest
@@ -91,6 +93,12 @@ class ModelConfig:
             "max": 8192,
             "help": "inference window edge; 0 = tile_size. Larger windows (more context, fewer "
             "seams, fewer passes) need a size-agnostic network: unet or dice_dim_kernels shared",
+        },
+    )
+    infer_tta: Literal["none", "flips"] = field(
+        default="none",
+        metadata={
+            "help": "test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"
         },
     )
     head: Literal["dist", "fg_dist"] = field(
