@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--prepared", type=Path, default=Path("prepared"))
     parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
+    parser.add_argument("--tta", choices=("none", "flips"), help="override model.infer_tta")
+    parser.add_argument(
+        "--refit", action="store_true", help="fit the post-processing on the validation tiles again"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -65,9 +69,28 @@ def main() -> None:
             seg.postprocess = params_from_dict(raw).postprocess
         elif args.post == "original":
             seg.postprocess = replace(PostprocessConfig(), min_size=0)
+        if args.tta:
+            seg.model_config = replace(seg.model_config, infer_tta=args.tta)
+        if args.refit:  # on the validation tiles only, as the train stage does
+            from kseg.postprocess_fit import fit_postprocess
+
+            maps = [seg.maps(image) for image in tiles["val"].images]
+            seg.postprocess, _ = fit_postprocess(
+                maps, tiles["val"].labels, seg.postprocess, seg.model_config.head
+            )
+            print(f"refitted on val: {seg.postprocess}")
         for name, t in tiles.items():
             scores, seconds = score_split(seg, t)
-            out.append({"model": str(folder), "split": name, "post": args.post, **scores})
+            out.append(
+                {
+                    "model": str(folder),
+                    "split": name,
+                    "post": args.post,
+                    "tta": seg.model_config.infer_tta,
+                    "seconds_per_tile": seconds,
+                    **scores,
+                }
+            )
             cells = " ".join(f"{scores[k]:>9.4f}" for k in KEYS)
             print(f"{str(folder)[-28:]:<28} {name:<5} {cells}  {seconds:.3f}", flush=True)
     if args.json:

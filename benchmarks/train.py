@@ -75,7 +75,8 @@ def recipe_child(spec: str) -> None:
     from kseg.train import loss_fn
 
     raw = json.loads(spec)
-    tune_cpu_allocator()  # as kseg train does
+    if not raw["recompute"]:
+        tune_cpu_allocator()  # as kseg train does (it keeps glibc's default when recomputing)
     model_kw = {"tile_size": 256, "head": "fg_dist", "dice_dim_kernels": "shared", **raw["model"]}
     cfg = params_from_dict({"model": model_kw}).model
     torch.manual_seed(0)
