@@ -36,7 +36,7 @@ def test_shipped_model_folder_is_complete_and_documented() -> None:
     for name in ("model.pt", "config.json", "preprocess.json", "postprocess.json", "params.json"):
         assert (folder / name).is_file(), name
     card = (folder / "MODEL_CARD.md").read_text()
-    for words in ("CC BY 4.0", "Naylor", "µm", "kseg train", "TNBC"):
+    for words in ("CC BY 4.0", "Naylor", "µm", "kseg/presets/tnbc-unet.yaml", "TNBC"):
         assert words in card, words
     assert resolve_model("pretrained") == folder == resolve_model("pretrained:tnbc_unet")
     with pytest.raises(ValueError, match="no such shipped model"):
