@@ -216,7 +216,7 @@ class TrainConfig:
         min=0,
         max=4,
         help="kidney_segnet: recompute the blocks of the N finest resolution levels in backward "
-        "instead of storing their activations (less memory, ~1.3x step time; same weights)",
+        "instead of storing their activations (less memory, about 2x step time; same weights)",
     )
     workers: int = _f(
         0,
