@@ -33,6 +33,10 @@ def _max_pool2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(top, x[..., 1::2, 1::2], out=top)
 
 
+#: Resolution level (1 = full size) of the blocks ``conv<digit>a/b``: encoder 1-4, decoder 6-8.
+_LEVEL_OF_BLOCK = {"1": 1, "2": 2, "3": 3, "4": 4, "6": 3, "7": 2, "8": 1}
+
+
 class KidneySegNet(nn.Module):
     """Kidney-SegNet (``dist_dice``) with the named fixes of :class:`ModelConfig`.
 
@@ -112,7 +116,7 @@ class KidneySegNet(nn.Module):
 
     def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """DiCE block ``conv<name>`` followed by its external BatchNorm ``bn<name>`` and ReLU."""
-        level = 1 + "18276354".index(name[0]) // 2  # 1/8 -> 1, 2/7 -> 2, 3/6 -> 3, 4/5 -> 4
+        level = _LEVEL_OF_BLOCK[name[0]]
         fn = getattr(self, f"conv{name}").forward_bn_relu
         return self._run(level, fn, x, getattr(self, f"bn{name}"))
 
