@@ -34,7 +34,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import best_of
+from timing import best_of, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -74,7 +74,6 @@ def train_row(cfg, precision: str, batch: int, steps: int, device) -> dict[str, 
     import torch
 
     from kseg.model import build_model
-    from kseg.train import loss_fn
 
     torch.manual_seed(0)
     _reset_peak(device)
@@ -89,14 +88,7 @@ def train_row(cfg, precision: str, batch: int, steps: int, device) -> dict[str, 
         y = y * 255
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            pred = model(x)
-        loss = loss_fn("mse", 1.0, pred.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        _sync(device)
+        train_step(model, opt, scaler, x, y, dtype)
 
     step()  # warm-up: cuDNN plans, allocator
     seconds, _ = best_of(step, repeat=steps, warmup=True)

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import train_step
 
 
 def _step_time(model, x, y, steps: int, amp: bool = False, channels_last: bool = False) -> float:
     import torch
-
-    from kseg.train import loss_fn
 
     opt = torch.optim.Adam(model.parameters(), lr=7e-4, weight_decay=7e-4)
     scaler = torch.amp.GradScaler(x.device.type, enabled=amp)
@@ -41,15 +40,7 @@ def _step_time(model, x, y, steps: int, amp: bool = False, channels_last: bool =
     times = []
     for i in range(steps + 1):  # the first step is warm-up
         start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
-            pred = model(x)
-        loss = loss_fn("mse", 1.0, pred.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
+        train_step(model, opt, scaler, x, y, torch.float16 if amp else None)
         if i:
             times.append(time.perf_counter() - start)
     return float(np.median(times))
