@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
+        [--tta flips] [--window 256] [--refit] [--json out.json]
 
 For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
 tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
     parser.add_argument("--tta", choices=("none", "flips"), help="override model.infer_tta")
     parser.add_argument(
+        "--window", type=int, help="override model.infer_window (size-agnostic networks only)"
+    )
+    parser.add_argument(
         "--refit", action="store_true", help="fit the post-processing on the validation tiles again"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -71,6 +75,8 @@ def main() -> None:
             seg.postprocess = replace(PostprocessConfig(), min_size=0)
         if args.tta:
             seg.model_config = replace(seg.model_config, infer_tta=args.tta)
+        if args.window is not None:
+            seg.model_config = replace(seg.model_config, infer_window=args.window)
         if args.refit:  # on the validation tiles only, as the train stage does
             from kseg.postprocess_fit import fit_postprocess
 
@@ -87,6 +93,7 @@ def main() -> None:
                     "split": name,
                     "post": args.post,
                     "tta": seg.model_config.infer_tta,
+                    "window": seg.model_config.window,
                     "seconds_per_tile": seconds,
                     **scores,
                 }

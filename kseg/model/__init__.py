@@ -6,7 +6,8 @@ Public API:
 * :func:`save_model_folder` / :func:`load_model_folder` - ``model.pt`` + ``config.json``;
 * :func:`load_original_checkpoint` / :func:`convert_original` - the original authors' files;
 * :func:`model_info` - parameters and multiply-accumulates per tile;
-* :func:`tune_cpu_allocator` - keep freed tensor memory mapped (large CPU speed-up, see docs).
+* :func:`tune_cpu_allocator` - keep freed tensor memory mapped (large CPU speed-up, see docs);
+* :func:`cap_cpu_heap` - return freed tensor memory at once (lower peak, for recomputing runs).
 
 Importing this package imports torch; :mod:`kseg.model.config` alone does not.
 """
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # the real imports, for type checkers and readers
     from kseg.model.compat import convert_original, load_original_checkpoint
     from kseg.model.info import model_info
     from kseg.model.io import load_model_folder, save_model_folder
-    from kseg.model.perf import tune_cpu_allocator
+    from kseg.model.perf import cap_cpu_heap, tune_cpu_allocator
 
 # Lazy attributes (PEP 562): `kseg.config` imports `kseg.model.config` for the params schema, and
 # that must not import torch (`kseg --help` answers at once).
@@ -35,6 +36,7 @@ _LAZY = {
     "load_model_folder": "kseg.model.io",
     "save_model_folder": "kseg.model.io",
     "tune_cpu_allocator": "kseg.model.perf",
+    "cap_cpu_heap": "kseg.model.perf",
 }
 
 
@@ -47,6 +49,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ModelConfig",
     "build_model",
+    "cap_cpu_heap",
     "convert_original",
     "load_model_folder",
     "load_original_checkpoint",
