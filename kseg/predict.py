@@ -5,8 +5,11 @@ For every input image it writes, next to each other in the output folder:
 - ``<stem>_labels.tif``: instance labels (16-bit, or 32-bit past 65535 nuclei), 0 = background;
 - ``<stem>_overlay.png``: the image with the nucleus outlines drawn in yellow;
 - ``<stem>_nuclei.csv``: one row per nucleus (id, centroid, area, perimeter, eccentricity, mean
-  hematoxylin optical density from colour deconvolution);
-- ``<stem>.geojson``: one polygon per nucleus, a FeatureCollection QuPath imports as detections.
+  hematoxylin and eosin optical densities from colour deconvolution);
+- ``<stem>.geojson``: one pixel-exact polygon per nucleus, a FeatureCollection QuPath imports as
+  classified detections with measurements.
+
+Columns, units and coordinate conventions: docs/predict.md.
 
 A bad input (missing, unreadable, not an image) is reported with its name and skipped; the other
 images are still written, and the command exits non-zero at the end if any failed.
@@ -117,60 +120,76 @@ def to_rgb8(arr: NDArray, path: Path | str = "image") -> NDArray[np.uint8]:
 
 
 def nucleus_table(labels: NDArray[np.integer], rgb: NDArray[np.uint8]) -> list[dict[str, float]]:
-    """Per-nucleus measurements; hematoxylin is the optical density of colour deconvolution."""
+    """Per-nucleus measurements (see docs/predict.md for columns and units).
+
+    Hematoxylin and eosin are optical densities from colour deconvolution (scikit-image's
+    ``rgb2hed``, Ruifrok & Johnston's stain vectors), averaged over the nucleus' pixels.
+    """
     from skimage.color import rgb2hed
     from skimage.measure import regionprops_table
 
     if labels.max() == 0:
         return []
-    hema = rgb2hed(rgb)[..., 0]
+    hed = rgb2hed(rgb)[..., :2]
     props = regionprops_table(
         labels.astype(np.int32),
-        intensity_image=hema,
+        intensity_image=hed,
         properties=("label", "centroid", "area", "perimeter", "eccentricity", "intensity_mean"),
     )
     names = {
         "label": "id",
         "centroid-0": "centroid_y",
         "centroid-1": "centroid_x",
-        "intensity_mean": "mean_hematoxylin",
+        "intensity_mean-0": "mean_hematoxylin",
+        "intensity_mean-1": "mean_eosin",
     }
     n = len(props["label"])
     return [{names.get(k, k): float(v[i]) for k, v in props.items()} for i in range(n)]
 
 
-def geojson_features(labels: NDArray[np.integer]) -> list[dict]:
-    """One QuPath detection per nucleus: its outer contour as a closed polygon (x, y pixels)."""
-    import cv2
+#: GeoJSON measurement name (as QuPath lists it) -> nucleus_table column.
+QUPATH_MEASUREMENTS = {
+    "Area px^2": "area",
+    "Perimeter px": "perimeter",
+    "Eccentricity": "eccentricity",
+    "Hematoxylin OD mean": "mean_hematoxylin",
+    "Eosin OD mean": "mean_eosin",
+}
+
+
+def geojson_features(
+    labels: NDArray[np.integer], rows: list[dict[str, float]] | None = None
+) -> list[dict]:
+    """One QuPath detection per nucleus, outlined exactly along its pixel edges.
+
+    The geometry is a valid ``Polygon`` (``MultiPolygon`` for a nucleus in parts touching at a
+    corner) of area equal to the nucleus' pixel count, exterior rings counter-clockwise in the
+    RFC 7946 sense (see :mod:`kseg.geojson`); coordinates are pixel corners, QuPath's convention.
+    ``rows`` (from :func:`nucleus_table`) become the feature's ``measurements``.
+    """
     from scipy import ndimage as ndi
 
+    from kseg.geojson import NUCLEUS_CLASS, label_geometry
+
+    by_id = {int(r["id"]): r for r in rows or []}
     features = []
     for lab, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        crop = np.pad((labels[sl] == lab).astype(np.uint8), 1)
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        if not contours:
+        geometry = label_geometry(labels[sl], lab, (sl[1].start, sl[0].start))
+        if geometry is None:
             continue
-        contour = max(contours, key=cv2.contourArea)[:, 0, :]  # (n, 2) x, y in the padded crop
-        if len(contour) < 3:  # a 1- or 2-pixel nucleus: use its pixel box
-            x0, y0 = contour.min(0)
-            x1, y1 = contour.max(0) + 1
-            contour = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-        offset = np.array([sl[1].start - 1, sl[0].start - 1])  # crop -> image coords
-        ring = (contour + offset).tolist()
-        ring.append(ring[0])
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": "Nucleus", "color": [255, 230, 0]},
-                    "kseg_id": lab,
-                },
+        props: dict = {
+            "objectType": "detection",
+            "classification": dict(NUCLEUS_CLASS),
+            "kseg_id": lab,
+        }
+        if lab in by_id:
+            row = by_id[lab]
+            props["measurements"] = {
+                name: round(float(row[key]), 4) for name, key in QUPATH_MEASUREMENTS.items()
             }
-        )
+        features.append({"type": "Feature", "geometry": geometry, "properties": props})
     return features
 
 
@@ -206,13 +225,14 @@ def write_outputs(
         "perimeter",
         "eccentricity",
         "mean_hematoxylin",
+        "mean_eosin",
     ]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: int(row[k]) if k == "id" else round(row[k], 4) for k in fields})
     atomic_write_bytes(paths[2], buf.getvalue().encode())
-    collection = {"type": "FeatureCollection", "features": geojson_features(labels)}
+    collection = {"type": "FeatureCollection", "features": geojson_features(labels, rows)}
     atomic_write_text(paths[3], json.dumps(collection))
     return paths
 

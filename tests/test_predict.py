@@ -64,10 +64,11 @@ def test_outputs_are_consistent_with_the_labels(tmp_path: Path) -> None:
         assert (ring[0] == ring[-1]).all()
         assert ring[:, 0].min() >= 0 and ring[:, 0].max() <= 80
         assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= 60
-    # The rectangle's outline passes through its corner pixels (x 5..24, y 5..14).
+    # The rectangle's outline runs along the outer edges of its pixels (x 5..24, y 5..14): the
+    # pixel-corner coordinates QuPath uses, 4 corners.
     rect = np.array(feats[0]["geometry"]["coordinates"][0])
-    assert rect[:, 0].min() == 5 and rect[:, 0].max() == 24
-    assert rect[:, 1].min() == 5 and rect[:, 1].max() == 14
+    assert rect.tolist() == [[5, 5], [25, 5], [25, 15], [5, 15], [5, 5]]
+    assert feats[0]["properties"]["measurements"]["Area px^2"] == 200
 
 
 def test_read_image_converts_every_common_kind(tmp_path: Path) -> None:
