@@ -3,20 +3,24 @@
 Each task runs ``dvc repro --single-item <stage>`` in the project folder, in the order of the
 stage graph declared in ``dvc.yaml``, so ``dvc.lock`` stays the record of what was built from what
 and a stage whose deps and params did not change is skipped by DVC (the task reports
-``ran: False``). The per-run knobs (data source, URL, checksum, epochs, device) are written into
-``params.yaml`` first, as DVC params, after validation through :mod:`kseg.config`; there is no
-second configuration system. Run it with ``python -m flows.retrain`` or through the deployment in
+``ran: False`` and its task ends in a ``Skipped`` state). The per-run knobs (data source, URL,
+checksum, epochs, device) are written into ``params.yaml`` for the run, as DVC params, after
+validation through :mod:`kseg.config`, and the file is restored when the run ends: a run's
+parameters apply to that run only, there is no second configuration system, and ``dvc.lock``
+records what the run used. Run it with ``python -m flows.retrain`` or through the deployment in
 ``prefect.yaml`` (see docs/orchestration.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -24,10 +28,11 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from kseg.config import ConfigError, DataConfig, TrainConfig, load_params, params_from_dict
-from kseg.fsutil import atomic_write_text
+from kseg.fsutil import atomic_write_bytes, atomic_write_text
 
 # The same choices as params.yaml's schema, so the Prefect UI shows them as drop-downs.
 Source = get_type_hints(DataConfig)["source"]
@@ -36,10 +41,30 @@ Device = get_type_hints(TrainConfig)["device"]
 FETCH_RETRIES = 3  # downloads fail transiently (mirrors, proxies); waits of 2, 4, 8 s
 FETCH_BACKOFF_S = 2.0
 OUTPUT_TAIL_LINES = 40
+#: ``kseg`` exits with this (EX_TEMPFAIL) when it failed for a passing reason (network).
+EX_TEMPFAIL = 75
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message holds the tail of its output."""
+    """A DVC stage exited non-zero; the message holds the tail of its output.
+
+    ``transient``: the stage's command exited with EX_TEMPFAIL (a network error that may pass);
+    only such failures are retried.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry a stage only after a transient failure.
+
+    A configuration or data error (``source=folder`` without a path, a checksum mismatch, a 404)
+    fails the same way every time; retrying it only delays the report.
+    """
+    err = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(err, StageFailed) and err.transient
 
 
 def _paths(entries: list[Any] | None) -> list[str]:
@@ -130,6 +155,33 @@ def set_params(path: Path, updates: dict[str, Any]) -> bool:
     return changed
 
 
+@contextlib.contextmanager
+def run_params(path: Path, updates: dict[str, Any]) -> Iterator[bool]:
+    """Applies a run's parameter values to ``params.yaml`` for the run only.
+
+    The values are validated and written as :func:`set_params` does (DVC reads them from the
+    file, and ``dvc.lock`` records them); on exit, success or failure, the file gets its
+    original bytes back, so the next run without parameters uses the committed configuration.
+    If someone else changed the file during the run, their version is kept (with a warning).
+
+    Yields:
+        Whether the run's values changed the file.
+    """
+    original = path.read_bytes()
+    changed = set_params(path, updates)
+    written = path.read_bytes()
+    try:
+        yield changed
+    finally:
+        if changed:
+            if path.read_bytes() == written:
+                atomic_write_bytes(path, original)
+            else:
+                get_run_logger().warning(
+                    "%s was changed by someone else during the run; it is not restored", path
+                )
+
+
 def _dvc_env() -> dict[str, str]:
     # `dvc` and the stage commands (`kseg ...`) live next to this interpreter, activated or not.
     bin_dir = str(Path(sys.executable).parent)
@@ -137,29 +189,42 @@ def _dvc_env() -> dict[str, str]:
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(project: str, stage: str) -> dict[str, Any]:
-    """``dvc repro --single-item STAGE``; returns ``{"stage", "ran", "status", "seconds"}``."""
+def run_stage(project: str, stage: str) -> dict[str, Any] | State:
+    """``dvc repro --single-item STAGE``; returns ``{"stage", "ran", "status", "seconds"}``.
+
+    The stage's output is streamed line by line into the task's log (a long ``train`` shows its
+    epochs as they end). A stage DVC did not run ends in a ``Completed`` state named ``Skipped``
+    (or ``Cached`` when DVC restored its outputs from the run cache), so the UI tells it apart.
+    """
     logger = get_run_logger()
     start = time.perf_counter()
-    proc = subprocess.run(
+    lines: list[str] = []
+    with subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
         cwd=project,
         env=_dvc_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        check=False,
-    )
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line.strip():
+                lines.append(line)
+                logger.info("%s", line)
     seconds = round(time.perf_counter() - start, 2)
-    out = proc.stdout + proc.stderr
+    out = "\n".join(lines)
     if proc.returncode != 0:
         message = f"stage '{stage}' failed (dvc exit {proc.returncode}):\n" + "\n".join(
-            out.splitlines()[-OUTPUT_TAIL_LINES:]
+            lines[-OUTPUT_TAIL_LINES:]
         )
         if stage == "validate":  # the failing expectations are in the output; the rest is here
             report = Path(project, load_params(Path(project, "params.yaml")).validate.report)
             message += f"\nvalidation report: {report.resolve().as_uri()}"
         logger.error("%s", message)
-        raise StageFailed(message)
+        raise StageFailed(message, transient=f"exited with {EX_TEMPFAIL}" in out)
     if f"Running stage '{stage}'" in out:
         status = "ran"
     elif "is cached - skipping run" in out:
@@ -167,7 +232,12 @@ def run_stage(project: str, stage: str) -> dict[str, Any]:
     else:
         status = "skipped"
     logger.info("stage '%s': %s in %.1f s", stage, status, seconds)
-    return {"stage": stage, "ran": status == "ran", "status": status, "seconds": seconds}
+    result = {"stage": stage, "ran": status == "ran", "status": status, "seconds": seconds}
+    if status == "ran":
+        return result
+    name = "Skipped" if status == "skipped" else "Cached"
+    why = "unchanged deps and params" if status == "skipped" else "outputs from DVC's run cache"
+    return Completed(data=result, name=name, message=f"stage '{stage}' not run: {why}")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -188,18 +258,28 @@ def _table(data: dict[str, Any] | None, missing: str) -> str:
     return "| key | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
-def render_report(project: Path, results: list[dict[str, Any]]) -> str:
-    """Markdown summary: stages, test metrics, MLflow run, registry decision (missing = noted)."""
-    lines = ["# kseg retrain\n", "| stage | status | seconds |", "|---|---|---|"]
+def render_report(
+    project: Path, results: list[dict[str, Any]], updates: dict[str, Any] | None = None
+) -> str:
+    """Markdown summary: run parameters, stages, test metrics, MLflow run, registry decision."""
+    lines = ["# kseg retrain\n"]
+    if updates:
+        lines += ["Parameters of this run (params.yaml restored afterwards):\n"]
+        lines += [f"- `{k}`: `{v}`" for k, v in updates.items()] + [""]
+    lines += ["| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results]
     summary = _read_json(project / "models/kseg/train_summary.json") or {}
-    run = {k: summary.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri", "best_epoch")}
+    pointer = _read_json(project / "models/kseg.mlflow.json") or {}
+    run = {
+        **{k: pointer.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri")},
+        "best_epoch": summary.get("best_epoch"),
+    }
     return "\n".join(
         [
             *lines,
             "\n## Test metrics (metrics/eval.json)\n",
             _table(_read_json(project / "metrics/eval.json"), "no metrics/eval.json yet"),
-            "## MLflow run (models/kseg/train_summary.json)\n",
+            "## MLflow run (models/kseg.mlflow.json)\n",
             _table(run if summary else None, "no trained model yet"),
             "## Registry decision (metrics/register.json)\n",
             _table(_read_json(project / "metrics/register.json"), "no registry decision yet"),
@@ -208,9 +288,11 @@ def render_report(project: Path, results: list[dict[str, Any]]) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def publish_report(project: str, results: list[dict[str, Any]]) -> str:
+def publish_report(
+    project: str, results: list[dict[str, Any]], updates: dict[str, Any] | None = None
+) -> str:
     """Creates the ``kseg-retrain`` Markdown artifact; returns its text."""
-    markdown = render_report(Path(project), results)
+    markdown = render_report(Path(project), results, updates)
     create_markdown_artifact(markdown, key="kseg-retrain", description="kseg retraining summary")
     return markdown
 
@@ -226,6 +308,8 @@ def retrain(
     project_dir: str = ".",
 ) -> dict[str, Any]:
     """Re-runs the kseg pipeline through DVC and publishes a summary artifact.
+
+    The knobs below apply to this run only: ``params.yaml`` is restored when the run ends.
 
     Args:
         source: ``data.source``; None keeps params.yaml's value (same for every knob below).
@@ -247,22 +331,25 @@ def retrain(
         "train.epochs": epochs,
         "train.device": device,
     }
-    changed = set_params(project / "params.yaml", {k: v for k, v in knobs.items() if v is not None})
     order = stage_order(project)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
         raise ValueError(f"stages {unknown} are not in {project / 'dvc.yaml'}; it has {order}")
+    updates = {k: v for k, v in knobs.items() if v is not None}
     results = []
-    for stage in order:
-        if stages is not None and stage not in stages:
-            continue
-        runner = run_stage
-        if stage == "fetch":
-            runner = run_stage.with_options(
-                retries=FETCH_RETRIES, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S)
-            )
-        results.append(runner(str(project), stage))
-    report = publish_report(str(project), results)
+    with run_params(project / "params.yaml", updates) as changed:
+        for stage in order:
+            if stages is not None and stage not in stages:
+                continue
+            runner = run_stage
+            if stage == "fetch":
+                runner = run_stage.with_options(
+                    retries=FETCH_RETRIES,
+                    retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
+                    retry_condition_fn=retry_if_transient,
+                )
+            results.append(runner(str(project), stage))
+        report = publish_report(str(project), results, updates)
     return {"stages": results, "params_changed": changed, "report": report}
 
 

@@ -28,6 +28,9 @@ app = typer.Typer(
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).", dir_okay=False)
 ]
+#: Exit status of a command that failed for a passing reason (sysexits.h): retry later.
+EX_TEMPFAIL = 75
+
 DeviceOpt = Annotated[
     str | None,
     typer.Option(help="auto, cpu, cuda or cuda:N (default: train.device of the params)."),
@@ -68,12 +71,17 @@ def fetch(params: ParamsOpt = Path("params.yaml")) -> None:
     """Fetch (or generate) the raw dataset named by data.source into data.dir."""
     cfg = _load(params)
     _setup_logging()
+    from kseg.data.download import DownloadError
     from kseg.data.fetch import fetch as run_fetch
 
     try:
         out = run_fetch(cfg)
     except (OSError, ValueError) as err:
-        _fail(f"fetch failed, {cfg.data.dir}/ left unchanged: {err}")
+        # 75 (EX_TEMPFAIL): a passing network error, worth retrying later (the Prefect flow
+        # does); 2: a configuration or data error that a retry cannot fix.
+        transient = isinstance(err, DownloadError) and err.transient
+        code = EX_TEMPFAIL if transient else 2
+        _fail(f"fetch failed, {cfg.data.dir}/ left unchanged: {err}", code)
     typer.echo(f"dataset ({cfg.data.source}) written to {out}/")
 
 

@@ -223,14 +223,12 @@ def champion_score(
 
 
 def _training_run(model_dir: Path, client: Any) -> str | None:
-    """The run id of train_summary.json if that run exists on this tracking server."""
+    """The model's training run (its run pointer) if that run exists on this tracking server."""
     from mlflow.exceptions import MlflowException
 
-    path = model_dir / "train_summary.json"
-    try:
-        run_id = json.loads(path.read_text()).get("mlflow_run_id")
-    except (OSError, ValueError):
-        return None
+    from kseg.tracking import training_run_id
+
+    run_id = training_run_id(model_dir)
     if not run_id:
         return None
     try:

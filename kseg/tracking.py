@@ -7,7 +7,9 @@ mode), so ``mlflow ui`` in the repository shows them at once. Nothing here runs 
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,9 @@ import yaml
 from kseg.config import Params, flatten, params_hash
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+#: Experiment tag the MLflow 3 UI reads to show runs, charts and models instead of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri() -> str:
@@ -48,15 +53,47 @@ def data_version(lock_path: Path = Path("dvc.lock"), data_dir: str = "data") -> 
     return "unknown"
 
 
+def dvc_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """Paths DVC writes while it runs: ``dvc.lock`` and every stage's outs, metrics and plots."""
+    paths = ["dvc.lock", ".gitignore"]
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return paths
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return paths
+
+
+def git_dirty(status: str, generated: list[str]) -> bool:
+    """Whether ``git status --porcelain`` output shows edits other than DVC's own files.
+
+    ``dvc repro`` rewrites ``dvc.lock`` (and the committed metrics and plots files) of the stages
+    before train: those changes are the pipeline running, not uncommitted code or params.
+    """
+    for line in status.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if not any(path == g or path.startswith(g.rstrip("/") + "/") for g in generated):
+            return True
+    return False
+
+
 def lineage_tags(params: Params, device: str) -> dict[str, str]:
-    """Tags that say which code, data and params made a run, and where it ran."""
+    """Tags that say which code, data and params made a run, and where it ran.
+
+    Besides kseg's own tags, MLflow's ``mlflow.source.*`` tags, so the run page's *Source*
+    shows the command and the git commit.
+    """
     import torch
 
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
+    dirty = "unknown" if status is None else str(git_dirty(status, dvc_outputs())).lower()
+    tags = {
         "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "git_dirty": dirty,
         "data_version": data_version(data_dir=params.data.dir),
         "data_source": params.data.source,
         "params_hash": params_hash(params),
@@ -64,7 +101,58 @@ def lineage_tags(params: Params, device: str) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "device": device,
         "python_version": sys.version.split()[0],
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "kseg train",
     }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_name(params: Params, stage: str = "train") -> str:
+    """A run name that tells runs apart in lists and chart legends.
+
+    ``<stage>-<data source>-<arch>-nf<nfeat>-<params hash, 6>-<4 random hex>``, e.g.
+    ``train-tnbc-kidney_segnet-nf16-3fa29c-b71e``. The random part comes from the OS, not from a
+    seeded generator: training seeds Python's ``random``, which made MLflow's own generated names
+    identical for every run.
+    """
+    model = params.model
+    return "-".join(
+        [
+            stage,
+            params.data.source,
+            model.arch,
+            f"nf{model.nfeat}",
+            params_hash(params)[:6],
+            secrets.token_hex(2),
+        ]
+    )
+
+
+def run_pointer(model_dir: Path) -> Path:
+    """The file beside a model folder naming its MLflow training run (``<folder>.mlflow.json``).
+
+    Outside the folder, so that two identical trainings give byte-identical model folders (one
+    DVC hash) although they are two MLflow runs.
+    """
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + ".mlflow.json")
+
+
+def training_run_id(model_dir: Path) -> str | None:
+    """The MLflow run that trained ``model_dir``, or None when unknown.
+
+    Read from its run pointer or, for model folders of older kseg versions, ``train_summary.json``.
+    """
+    for path in (run_pointer(model_dir), Path(model_dir) / "train_summary.json"):
+        try:
+            run_id = json.loads(path.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if run_id:
+            return str(run_id)
+    return None
 
 
 class Tracker:
@@ -83,7 +171,12 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri())
         if run_id is None:
             experiment = mlflow.set_experiment(params.train.experiment)
-            run = mlflow.start_run(experiment_id=experiment.experiment_id)
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                # MLflow 3's UI opens an untyped experiment in its GenAI (traces) view.
+                mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            run = mlflow.start_run(
+                experiment_id=experiment.experiment_id, run_name=run_name(params)
+            )
             flat = {k: str(v) for k, v in flatten(params).items()}
             mlflow.log_params(flat)
         else:
@@ -91,6 +184,39 @@ class Tracker:
         mlflow.set_tags(lineage_tags(params, device))
         self.run_id = run.info.run_id
         return self.run_id
+
+    def log_dataset(self, params: Params, tiles: Any, context: str) -> None:
+        """Logs the tiles a run used as an MLflow dataset input (the *Datasets* column).
+
+        The table has one row per tile (id, patient, split); the digest is the data version
+        DVC recorded for ``data/`` (``dvc.lock``), or a hash of the tile ids without DVC.
+        """
+        if not self.enabled:
+            return
+        import hashlib
+
+        import mlflow
+        import pandas as pd
+
+        df = pd.DataFrame(tiles)
+        version = data_version(data_dir=params.data.dir)
+        digest = version if version != "unknown" else None
+        if digest is None:
+            digest = hashlib.sha256("\n".join(map(str, df.iloc[:, 0])).encode()).hexdigest()
+        dataset = mlflow.data.from_pandas(
+            df,
+            source=str(Path(params.prepare.out_dir).resolve()),
+            name=params.data.source,
+            digest=digest[:36],
+        )
+        mlflow.log_input(dataset, context=context)
+
+    def set_description(self, text: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``, shown on the run page)."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tag("mlflow.note.content", text)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Logs numbers for one epoch."""

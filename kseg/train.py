@@ -45,7 +45,7 @@ from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles
 from kseg.device import amp_dtype, resolve_device
 from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text
 from kseg.infer import Preprocess
-from kseg.tracking import Tracker, tracking_uri
+from kseg.tracking import Tracker, dvc_outputs, run_pointer, tracking_uri
 from kseg.validation_loop import validate_epoch
 
 log = logging.getLogger(__name__)
@@ -409,10 +409,18 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _progress_bar(enabled: bool) -> Any:
-    """A rich progress bar over all steps of the run (terminal only; CI gets one line per epoch)."""
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar over all steps of the run (terminal only; CI gets one line per epoch).
+
+    While it is shown, log records go through rich's console (above the bar) instead of being
+    written over it; the bar disappears at the end, leaving the plain per-epoch log lines.
+    """
     if not enabled:
-        return contextlib.nullcontext(None)
+        yield None
+        return
+    import logging as _logging
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -421,14 +429,33 @@ def _progress_bar(enabled: bool) -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(
-        TextColumn("epoch {task.fields[epoch]}"),
+    progress = Progress(
+        TextColumn("{task.description:<10} epoch {task.fields[epoch]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[rate]:.1f} tiles/s"),
+        TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
         transient=True,
     )
+    handlers = [
+        h
+        for h in _logging.getLogger().handlers
+        if isinstance(h, _logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__)
+    ]
+    with progress:
+        # rich redirects sys.stderr while live; handlers made earlier hold the real stream.
+        old = [h.setStream(sys.stderr) for h in handlers]
+        try:
+            yield progress
+        finally:
+            for handler, stream in zip(handlers, old, strict=True):
+                if stream is not None:
+                    handler.setStream(stream)
+
+
+def _train_info(loss: float, rate: float) -> str:
+    shown = "-" if math.isnan(loss) else f"{loss:.4g}"
+    return f"loss {shown}  {rate:.1f} tiles/s"
 
 
 def _train_epoch(
@@ -472,7 +499,8 @@ def _train_epoch(
             if (step + 1) % check_every == 0:
                 shown = loss.item()
             rate = count / max(time.perf_counter() - start, 1e-9)
-            progress.update(progress.task_ids[0], advance=1, epoch=epoch + 1, loss=shown, rate=rate)
+            info = _train_info(shown, rate)
+            progress.update(progress.task_ids[0], advance=1, epoch=epoch + 1, info=info)
     watch.raise_if_diverged(epoch)
     seconds = time.perf_counter() - start
     return {"train_loss": total.item() / max(count, 1), "tiles_per_s": count / max(seconds, 1e-9)}
@@ -578,21 +606,31 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         )
 
     tracker = Tracker(enabled=rank == 0)
+    fresh_run = state.run_id is None
     tracker.start(params, str(device), run_id=state.run_id)
     state.run_id = tracker.run_id
+    if fresh_run:
+        tracker.log_dataset(params, _tile_table(split), context="training")
     status = "FAILED"
     bar = _progress_bar(rank == 0 and sys.stderr.isatty())
     try:
         progress = bar.__enter__()
+        on_val_tile = None
         if progress is not None:
             progress.add_task(
-                "train",
+                "training",
                 total=len(loader) * cfg.epochs,
                 completed=len(loader) * state.epoch,
                 epoch=state.epoch + 1,
-                loss=float("nan"),
-                rate=0.0,
+                info=_train_info(float("nan"), 0.0),
             )
+            val_task = progress.add_task(
+                "validation", total=len(val_tiles), epoch=state.epoch + 1, info="", visible=False
+            )
+
+            def on_val_tile() -> None:
+                progress.update(val_task, advance=1)
+
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -600,9 +638,22 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             sched.step()
             stop = stop_flag(device)  # NCCL broadcasts device tensors only
             if rank == 0:
+                if progress is not None:
+                    progress.reset(val_task, total=len(val_tiles), epoch=epoch + 1, visible=True)
                 row.update(
-                    validate_epoch(params, model, val_tiles, preprocess, device, tracker, epoch)
+                    validate_epoch(
+                        params,
+                        model,
+                        val_tiles,
+                        preprocess,
+                        device,
+                        tracker,
+                        epoch,
+                        on_tile=on_val_tile,
+                    )
                 )
+                if progress is not None:
+                    progress.update(val_task, visible=False)
                 row["lr"] = opt.param_groups[0]["lr"]
                 score = _score(params, row)
                 if score > state.best_score:
@@ -633,6 +684,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             model.load_state_dict(best_state)
             post, fit_report = _fit_postprocess(params, model, val_tiles, preprocess, device)
             summary = _write_outputs(params, model, preprocess, state, split, job, post, fit_report)
+            _log_selected_epoch(tracker, params, state, summary)
             _log_run_artifacts(tracker, params, state)
         status = "FINISHED"
         return summary
@@ -689,6 +741,35 @@ def _log_epoch(state: TrainState, row: dict[str, float], epochs: int) -> None:
     log.info("  ".join(parts))  # one plain line per epoch: readable in CI logs and dvc output
 
 
+def _tile_table(split: dict[str, list[str]]) -> list[dict[str, str]]:
+    """One row per training and validation tile: the dataset input logged to MLflow."""
+    return [{"tile_id": t, "split": name} for name in ("train", "val") for t in split[name]]
+
+
+#: Per-epoch values that measure the machine, not the model: logged to MLflow, kept out of the
+#: files DVC hashes (model folder, metrics, plots), so identical trainings give identical files.
+TIMING_KEYS = ("tiles_per_s", "val_seconds", "seconds")
+
+
+def writes_pipeline_metrics(out_dir: str) -> bool:
+    """Whether a training into ``out_dir`` is the pipeline's train stage.
+
+    Only that one writes ``metrics/train.json`` and ``metrics/train_curve.csv`` (the files
+    ``dvc.yaml`` declares): a ``kseg train -p other.yaml`` into another folder must not
+    overwrite them. Without a ``dvc.yaml`` in the working directory the default folder counts.
+    """
+    target = Path(out_dir).as_posix().rstrip("/")
+    if Path("dvc.yaml").is_file():
+        return target in dvc_outputs()
+    return target == "models/kseg"
+
+
+def _curve_csv(history: list[dict[str, float]]) -> str:
+    keys = [k for k in (history[0] if history else {"epoch": 0}) if k not in TIMING_KEYS]
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in history]
+    return "\n".join(lines) + "\n"
+
+
 def _write_outputs(
     params: Params,
     model: torch.nn.Module,
@@ -699,24 +780,30 @@ def _write_outputs(
     post: Any,
     fit_report: dict[str, Any],
 ) -> dict[str, Any]:
-    """Writes the model folder atomically, plus the DVC metrics and plots files."""
+    """Writes the model folder atomically, its run pointer, and the DVC metrics and plots files.
+
+    Everything written into the folder is a function of params, data and code only (no run id,
+    no timing), so two identical CPU trainings give the same DVC hash of ``models/kseg``.
+    """
     from kseg.model import save_model_folder
     from kseg.postprocess_fit import save_postprocess
 
     out = Path(params.train.out_dir)
-    summary = {
+    best = state.history[state.best_epoch - 1] if state.best_epoch > 0 else {}
+    scores = {k: v for k, v in best.items() if k not in (*TIMING_KEYS, "epoch", "lr")}
+    summary: dict[str, Any] = {
         "best_epoch": state.best_epoch,
         "best_score": state.best_score,
         "select_metric": params.train.select_metric,
         "epochs_run": state.epoch,
-        "mlflow_run_id": state.run_id,
-        "mlflow_tracking_uri": tracking_uri(),
         "fingerprint": job,
         "n_train_tiles": len(split["train"]),
         "n_val_tiles": len(split["val"]),
+        "val": scores,  # the selected epoch's validation scores and losses
     }
     if fit_report.get("fitted"):
         summary["val_fitted_" + fit_report["metric"]] = fit_report["score"]
+    fit_saved = {k: v for k, v in fit_report.items() if k not in TIMING_KEYS}
     with atomic_dir(out) as staging:
         save_model_folder(model.cpu(), params.model, staging)
         preprocess.save(staging)
@@ -725,17 +812,52 @@ def _write_outputs(
             shutil.copy(stain, staging / "stain.json")
         save_config(params, staging / "params.json")
         if fit_report.get("fitted"):
-            save_postprocess(staging, post, fit_report)
+            save_postprocess(staging, post, fit_saved)
         atomic_write_text(staging / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-    metrics_dir = Path("metrics")
-    best = state.history[state.best_epoch - 1] if state.best_epoch > 0 else {}
-    atomic_write_text(
-        metrics_dir / "train.json", json.dumps({**summary, **best}, indent=2, default=str) + "\n"
+        atomic_write_text(staging / "train_curve.csv", _curve_csv(state.history))
+    pointer = {"mlflow_run_id": state.run_id, "mlflow_tracking_uri": tracking_uri()}
+    atomic_write_text(run_pointer(out), json.dumps(pointer, indent=2) + "\n")
+    if writes_pipeline_metrics(params.train.out_dir):
+        # Numbers a person compares across commits (`dvc metrics diff`), nested for a short
+        # `dvc exp show`: no strings, ids or timings.
+        metrics = {
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "val": scores,
+        }
+        if fit_report.get("fitted"):
+            metrics["val_fitted_" + fit_report["metric"]] = fit_report["score"]
+        metrics_dir = Path("metrics")
+        atomic_write_text(metrics_dir / "train.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(metrics_dir / "train_curve.csv", _curve_csv(state.history))
+    else:
+        log.info("train.out_dir %s is not the pipeline's: metrics/ left as it is", out)
+    return {**summary, **pointer}
+
+
+def _log_selected_epoch(
+    tracker: Tracker, params: Params, state: TrainState, summary: dict[str, Any]
+) -> None:
+    """Logs the kept epoch's scores as ``best_*`` and a description of the run.
+
+    The charts show every epoch; the run's metric columns would otherwise show the last epoch,
+    not the model that was kept.
+    """
+    best = {f"best_{k}": v for k, v in summary["val"].items()}
+    best["best_epoch"] = float(state.best_epoch)
+    fitted = f"val_fitted_{params.train.select_metric}"
+    if fitted in summary:
+        best[f"best_{fitted}"] = summary[fitted]
+    tracker.log_metrics(best, step=state.best_epoch)
+    model = params.model
+    tracker.set_description(
+        f"kseg train: {model.arch} (nfeat {model.nfeat}, {model.head} head, "
+        f"{model.tile_size} px tiles) on {params.data.source} data, "
+        f"{summary['n_train_tiles']} training / {summary['n_val_tiles']} validation tiles, "
+        f"{state.epoch} epochs. Kept epoch {state.best_epoch} "
+        f"(validation {params.train.select_metric} {state.best_score:.4f}); its scores are the "
+        "best_* metrics, the test scores (test_*) come from kseg evaluate."
     )
-    keys = list(state.history[0]) if state.history else ["epoch"]
-    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in state.history]
-    atomic_write_text(metrics_dir / "train_curve.csv", "\n".join(lines) + "\n")
-    return summary
 
 
 def _log_run_artifacts(tracker: Tracker, params: Params, state: TrainState) -> None:
@@ -745,7 +867,8 @@ def _log_run_artifacts(tracker: Tracker, params: Params, state: TrainState) -> N
     chart = line_chart({k: [r[k] for r in state.history] for k in keys}, title="learning curve")
     tracker.log_image(chart, "plots/learning_curve.png")
     out = Path(params.train.out_dir)
-    for name in ("config.json", "params.json", "preprocess.json", "train_summary.json"):
+    names = ("config.json", "params.json", "preprocess.json", "train_summary.json")
+    for name in (*names, "postprocess.json"):
         tracker.log_artifact(out / name, "model_folder")
     tracker.log_artifact(Path("dvc.lock"))
-    tracker.log_artifact(Path("metrics") / "train_curve.csv")
+    tracker.log_artifact(out / "train_curve.csv")

@@ -6,6 +6,7 @@ because a lower MSE on the distance map does not always mean better-separated nu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,12 +32,14 @@ def validate_epoch(
     tracker: Tracker | None = None,
     epoch: int = 0,
     maps_out: list[np.ndarray] | None = None,
+    on_tile: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Mean validation loss and segmentation scores over ``tiles``.
 
     ``val_loss`` is the mean squared error of the maps against the head's targets (for ``fg_dist``:
     of the probabilities against the mask and the normalised distance). If ``maps_out`` is given,
-    the predicted maps are appended to it (for fitting the post-processing).
+    the predicted maps are appended to it (for fitting the post-processing); ``on_tile`` is called
+    after each tile (a progress bar).
 
     Returns:
         ``val_loss`` and the means of :data:`SCORES` (empty dict when there is no validation tile).
@@ -75,6 +78,8 @@ def validate_epoch(
                     overlay(image, instances, labels),
                     f"val_overlays/epoch{epoch + 1:03d}_{tile_id}.png",
                 )
+            if on_tile is not None:
+                on_tile()
     finally:
         model.train(was_training)
     out = {"val_loss": float(np.mean(losses))}

@@ -23,7 +23,7 @@ import yaml
 
 from flows.retrain import retrain, set_params, stage_order
 from kseg.config import ConfigError, load_params
-from tests.conftest import free_port, stop_process, wait_http
+from tests.conftest import stop_process, wait_http
 from tests.pipeline_helpers import write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,27 @@ def test_stage_order_follows_the_dependency_graph(tmp_path: Path) -> None:
 # --- flow runs under the test harness ---
 
 
+def _task_runs(flow_state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])
+            )
+        )
+
+
+def _logs(task_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+    return [log.message for log in logs]
+
+
 def _artifact_markdown(flow_run_id) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -125,21 +146,25 @@ def _artifact_markdown(flow_run_id) -> str:
 @pytest.mark.usefixtures("harness", "no_mlflow_env")
 def test_retrain_end_to_end_then_skips_unchanged_stages(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p")
+    params_before = (project / "params.yaml").read_bytes()
     order = stage_order(project)
     state = retrain(project_dir=str(project), epochs=1, return_state=True)
     assert state.is_completed(), state.message
-    first = state.result()
+    first, first_state = state.result(), state
     assert [r["stage"] for r in first["stages"]] == order
     assert all(r["ran"] for r in first["stages"]), first["stages"]
     assert first["params_changed"]
-    # The flow parameter went in as a DVC param: params.yaml and the lock record it.
-    assert load_params(project / "params.yaml").train.epochs == 1
+    # The flow parameter applied to this run only: the lock records it, params.yaml is restored.
+    assert (project / "params.yaml").read_bytes() == params_before
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
     assert json.loads((project / "metrics/train.json").read_text())["epochs_run"] == 1
     markdown = _artifact_markdown(state.state_details.flow_run_id)
     summary = json.loads((project / "models/kseg/train_summary.json").read_text())
-    assert summary["mlflow_run_id"] in markdown
+    pointer = json.loads((project / "models/kseg.mlflow.json").read_text())
+    assert pointer["mlflow_run_id"] in markdown
+    assert "`train.epochs`: `1`" in markdown
+    assert summary["epochs_run"] == 1
     for key, value in json.loads((project / "metrics/eval.json").read_text()).items():
         if isinstance(value, float):
             assert f"| {key} | {value:.4f} |" in markdown
@@ -147,10 +172,16 @@ def test_retrain_end_to_end_then_skips_unchanged_stages(tmp_path: Path) -> None:
         assert "no registry decision yet" not in markdown
 
     lock_text = (project / "dvc.lock").read_text()
-    second = retrain(project_dir=str(project), epochs=1)
+    state = retrain(project_dir=str(project), epochs=1, return_state=True)
+    second = state.result()
     assert [(r["stage"], r["status"]) for r in second["stages"]] == [(s, "skipped") for s in order]
-    assert not second["params_changed"]
     assert (project / "dvc.lock").read_text() == lock_text
+    assert (project / "params.yaml").read_bytes() == params_before
+    # Skipped stages are told apart from those that ran, by their state's name.
+    assert {r.state_name for r in _task_runs(state)} == {"Skipped", "Completed"}  # report ran
+    # The train task's log holds the stage's own output (its epochs), streamed from DVC.
+    train_run = next(r for r in _task_runs(first_state) if r.name == "train")
+    assert any("epoch 1/1" in line for line in _logs(train_run.id))
 
 
 @pytest.mark.usefixtures("harness")
@@ -192,10 +223,15 @@ def _model_versions(project: Path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("harness")
 def test_deployment_schedule_and_worker_run_on_a_real_server(tmp_path: Path) -> None:
+    """The harness's server (a real `prefect server` API process, shared with the other tests):
+    the CLI deploys, a worker process runs the deployment with a parameter."""
+    from prefect.settings import PREFECT_API_URL
+
     project = make_project(tmp_path / "p", deploy=True)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    params_before = (project / "params.yaml").read_bytes()
+    api = str(PREFECT_API_URL.value()).rstrip("/")
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect_home"),
@@ -213,19 +249,8 @@ def test_deployment_schedule_and_worker_run_on_a_real_server(tmp_path: Path) -> 
         return proc.stdout
 
     procs: list[subprocess.Popen] = []
-    log = (tmp_path / "server.log").open("w")
     try:
-        procs.append(
-            subprocess.Popen(
-                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        wait_http(f"{api}/health", timeout=120, proc=procs[0])
+        wait_http(f"{api}/health", timeout=120)
         spec = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
         pool = spec["work_pool"]["name"]
         cli("work-pool", "create", pool, "--type", "process")
@@ -258,13 +283,16 @@ def test_deployment_schedule_and_worker_run_on_a_real_server(tmp_path: Path) -> 
         output, _ = worker.communicate(timeout=400)
         state = _api(f"{api}/flow_runs/{run['id']}")["state"]
         assert state["type"] == "COMPLETED", f"{state}\n{output[-4000:]}"
-        assert load_params(project / "params.yaml").train.epochs == 1
+        # The run's parameter applied to that run only: the lock records it, params.yaml is
+        # as before, so the next run without parameters uses the committed configuration.
+        assert (project / "params.yaml").read_bytes() == params_before
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+        assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
         # The register stage added the first version of the model to the project's registry.
         assert len(_model_versions(project)) == 1
     finally:
         for proc in reversed(procs):
             stop_process(proc)
-        log.close()
     for proc in procs:
         assert proc.poll() is not None
 
@@ -318,9 +346,6 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
 def test_fetch_fails_twice_then_the_task_retries_succeed(tmp_path: Path) -> None:
     import hashlib
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     body = _tnbc_zip()
     # retries: 0 turns the downloader's own retries off: each failed request fails `kseg fetch`,
     # so only the flow's task retries can get past the two 503s.
@@ -345,11 +370,19 @@ def test_fetch_fails_twice_then_the_task_retries_succeed(tmp_path: Path) -> None
     assert [(r["stage"], r["status"]) for r in state.result()["stages"]] == [("fetch", "ran")]
     assert server.requests == 3
     assert (project / "data/TNBC_NucleiSegmentation/GT_01/01_1.png").is_file()
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
-    fetch_run = next(r for r in runs if r.name == "fetch")
+    fetch_run = next(r for r in _task_runs(state) if r.name == "fetch")
     assert fetch_run.run_count == 3  # two failed attempts, then the one that succeeded
+
+    # A permanent error (an archive that is not there) fails at once: no retry, params restored.
+    before = (project / "params.yaml").read_bytes()
+    state = retrain(
+        project_dir=str(project),
+        source="tnbc",
+        url=str(tmp_path / "missing.zip"),
+        stages=["fetch"],
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert (project / "params.yaml").read_bytes() == before
+    (fetch_run,) = [r for r in _task_runs(state) if r.name == "fetch"]
+    assert fetch_run.run_count == 1, "a configuration error must not be retried"

@@ -1,8 +1,10 @@
-"""`dvc repro` on a scratch copy of the project: runs every stage, then has nothing to do."""
+"""`dvc repro` on a scratch copy of the project: runs every stage, then has nothing to do; what
+DVC shows afterwards (metrics diff against the commit, experiments table, plots) has content."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +29,7 @@ def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
     write_params(tmp_path)  # the tiny configuration: the whole pipeline in seconds
     shutil.copytree(REPO / "kseg", tmp_path / "kseg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
@@ -40,6 +43,16 @@ def _tree_hash(folder: Path) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def _git(*args: str, cwd: Path) -> str:
+    cmd = ["git", "-c", "user.name=kseg test", "-c", "user.email=test@kseg.invalid", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def _lock_md5(project: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
+    return next(o["md5"] for o in lock["outs"] if o["path"] == path)
 
 
 def test_repro_twice_second_does_nothing(dvc_project: Path) -> None:
@@ -58,3 +71,69 @@ def test_repro_twice_second_does_nothing(dvc_project: Path) -> None:
     assert set(lock) == set(stages)
     for name in stages:
         assert f"Running stage '{name}'" in first.stdout
+
+    _check_committed_metrics_and_plots(dvc_project)
+
+
+def _check_committed_metrics_and_plots(project: Path) -> None:
+    """After a commit: metrics diff has a baseline, exp show has values, plots have data, and a
+    forced retraining gives the same model hash with an MLflow run tagged clean."""
+    _git("add", "-A", cwd=project)
+    _git("commit", "-q", "-m", "pipeline run", cwd=project)
+    tracked = _git("ls-files", "metrics", cwd=project).split()
+    assert {"metrics/train.json", "metrics/eval.json", "metrics/register.json"} <= set(tracked)
+    model_md5 = _lock_md5(project, "train", "models/kseg")
+
+    # The numbers DVC compares: no text, ids or timings.
+    shown = json.loads(_dvc("metrics", "show", "--json", cwd=project).stdout)
+    files = shown[0]["data"] if isinstance(shown, list) else shown["workspace"]["data"]
+
+    def leaves(d: object) -> list:
+        return [x for v in d.values() for x in leaves(v)] if isinstance(d, dict) else [d]
+
+    for name, content in files.items():
+        values = leaves(content["data"])
+        assert values and all(isinstance(v, int | float) for v in values), (name, values)
+        assert "seconds" not in json.dumps(content) and "per_s" not in json.dumps(content), name
+
+    # Two identical trainings: one DVC hash; the run is not "dirty" for DVC's own writes.
+    forced = _dvc("repro", "-f", "-s", "train", cwd=project)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert _lock_md5(project, "train", "models/kseg") == model_md5
+    import mlflow
+
+    pointer = json.loads((project / "models" / "kseg.mlflow.json").read_text())
+    run = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(
+        pointer["mlflow_run_id"]
+    )
+    assert run.data.tags["git_dirty"] == "false"
+    assert (
+        run.data.tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD", cwd=project).strip()
+    )
+
+    # The committed values are the baseline of `dvc metrics diff` (none "missing").
+    diff = _dvc("metrics", "diff", "HEAD", "--all", "--json", cwd=project)
+    assert diff.returncode == 0, diff.stderr
+    train = json.loads(diff.stdout)["metrics/train.json"]
+    assert train["val.aji"]["old"] is not None and train["val.aji"]["new"] is not None
+    exp = _dvc("exp", "show", "--json", "--no-pager", cwd=project)
+    assert exp.returncode == 0, exp.stderr
+    assert "error" not in exp.stdout.lower()
+
+    # Every declared plot has data; per-tile AJI on a categorical axis of tile ids.
+    shown_plots = json.loads(_dvc("plots", "show", "--json", cwd=project).stdout)
+    assert not shown_plots.get("errors"), shown_plots["errors"]
+    plots = shown_plots["data"]
+    assert {"losses", "validation", "test_tiles"} <= set(plots)
+    for name in ("losses", "validation", "test_tiles"):
+        (plot,) = plots[name]
+        values = plot["content"]["data"]["values"]
+        assert values, name
+    tiles = plots["test_tiles"][0]["content"]
+    assert tiles["encoding"]["y"]["type"] == "nominal"
+    assert tiles["encoding"]["x"]["scale"]["zero"] is True  # bars start at 0
+    assert all(isinstance(v["tile_id"], str) and v["aji"] != "" for v in tiles["data"]["values"])
+    series = {
+        v["rev"] + v.get("field", "") for v in plots["losses"][0]["content"]["data"]["values"]
+    }
+    assert any("val_loss" in s for s in series), series

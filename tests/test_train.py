@@ -51,10 +51,18 @@ def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch
     project = copy_project(prepared, tmp_path / "p")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
     run_stage("train", project)
-    summary = json.loads((project / "models" / "kseg" / "train_summary.json").read_text())
+    pointer = json.loads((project / "models" / "kseg.mlflow.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=_mlflow_env(project)["MLFLOW_TRACKING_URI"])
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(pointer["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # A name that tells runs apart: stage, data, architecture, params hash, a random suffix.
+    assert re.fullmatch(
+        r"train-synthetic-kidney_segnet-nf4-[0-9a-f]{6}-[0-9a-f]{4}", run.info.run_name
+    )
+    assert run.data.tags["mlflow.note.content"].startswith("kseg train: kidney_segnet")
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic"
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
     assert run.data.params["train.epochs"] == "2"
     assert run.data.params["model.nfeat"] == "4"
     history = client.get_metric_history(run.info.run_id, "train_loss")
@@ -75,15 +83,49 @@ def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch
     assert {"plots", "model_folder", "val_overlays"} <= artifacts
     folder = {a.path for a in client.list_artifacts(run.info.run_id, "model_folder")}
     assert "model_folder/config.json" in folder
-    # DVC metrics come from the same numbers as MLflow.
+    # DVC metrics come from the same numbers as MLflow; the kept epoch's scores are best_*.
     metrics = json.loads((project / "metrics" / "train.json").read_text())
     best = client.get_metric_history(run.info.run_id, "aji")[metrics["best_epoch"] - 1]
-    assert metrics["aji"] == pytest.approx(best.value)
-    # Same params, same data: a second fresh run on CPU gives the same weights.
-    first = _weights(project)
+    assert metrics["val"]["aji"] == pytest.approx(best.value)
+    assert run.data.metrics["best_aji"] == pytest.approx(best.value)
+    assert run.data.metrics["best_epoch"] == metrics["best_epoch"]
+    # Only numbers a person compares: no ids, strings or timings in the files DVC compares.
+    flat = json.dumps(metrics)
+    assert not any(k in flat for k in ("run_id", "tiles_per_s", "seconds", "fingerprint"))
+    assert all(isinstance(v, int | float) for v in metrics["val"].values())
+    assert "tiles_per_s" not in (project / "metrics" / "train_curve.csv").read_text()
+
+    # Same params, same data, another train.out_dir: the same model folder byte for byte (one
+    # DVC hash for identical trainings), and the pipeline's metrics/ files are left alone.
+    first = project / "models" / "kseg"
+    metrics_before = {p.name: p.read_bytes() for p in (project / "metrics").iterdir()}
+    other = (project / "params.yaml").read_text().replace("out_dir: models/kseg", "out_dir: o/m")
+    (project / "other.yaml").write_text(other)
     shutil.rmtree(project / ".checkpoints")
-    run_stage("train", project, "--fresh")
-    _assert_same_weights(first, _weights(project))
+    old = Path.cwd()
+    os.chdir(project)
+    try:
+        from typer.testing import CliRunner
+
+        from kseg.cli import app
+
+        result = CliRunner().invoke(app, ["train", "-p", "other.yaml", "--fresh"])
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, result.output
+    second = project / "o" / "m"
+    assert {p.name: p.read_bytes() for p in (project / "metrics").iterdir()} == metrics_before
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        a, b = (first / name).read_bytes(), (second / name).read_bytes()
+        if name == "params.json":  # holds train.out_dir
+            continue
+        if name == "train_summary.json":  # the params hash differs with train.out_dir
+            a, b = (json.loads(x) for x in (a, b))
+            assert a.pop("fingerprint") != b.pop("fingerprint")
+        assert a == b, name
+    assert (project / "o" / "m.mlflow.json").is_file()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
@@ -189,9 +231,9 @@ def test_logs_to_a_real_mlflow_server(
     (project / "params.yaml").write_text(text)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     run_stage("train", project)
-    summary = json.loads((project / "models" / "kseg" / "train_summary.json").read_text())
-    assert summary["mlflow_tracking_uri"] == mlflow_server
-    run = mlflow.MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])
+    pointer = json.loads((project / "models" / "kseg.mlflow.json").read_text())
+    assert pointer["mlflow_tracking_uri"] == mlflow_server
+    run = mlflow.MlflowClient(mlflow_server).get_run(pointer["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train_loss"] > 0
     assert not (project / "mlflow.db").exists()
@@ -206,3 +248,15 @@ def test_fingerprint_covers_code_and_torch_version(monkeypatch: pytest.MonkeyPat
     assert train_mod.fingerprint(params, []) == first  # stable
     monkeypatch.setattr(train_mod.torch, "__version__", "0.0.0-other")
     assert train_mod.fingerprint(params, []) != first
+
+
+def test_git_dirty_ignores_what_dvc_writes() -> None:
+    from kseg.tracking import dvc_outputs, git_dirty
+
+    generated = dvc_outputs(REPO / "dvc.yaml")
+    assert {"dvc.lock", "metrics/train.json", "models/kseg"} <= set(generated)
+    # What `dvc repro` changes before train runs is not an uncommitted change of the code.
+    assert not git_dirty(" M dvc.lock\n M metrics/validation.json\n", generated)
+    assert git_dirty(" M dvc.lock\n M kseg/train.py\n", generated)
+    assert git_dirty("M  params.yaml\n", generated)
+    assert not git_dirty("", generated)

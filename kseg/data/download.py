@@ -44,7 +44,15 @@ _SKIP_NAMES = (".DS_Store", "Thumbs.db")
 
 
 class DownloadError(OSError):
-    """A download that failed for good (after retries, or a non-retryable error)."""
+    """A download that failed for good (after retries, or a non-retryable error).
+
+    ``transient`` says whether the last error was of a passing kind (5xx, reset, timeout): a
+    later attempt may succeed, where a 404 or a refused URL will not.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ChecksumError(ValueError):
@@ -189,7 +197,9 @@ def download(
             if not _transient(err) or attempt == retries:
                 part.unlink(missing_ok=True)
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise DownloadError(f"download of {url} failed{tries}: {err}") from err
+                raise DownloadError(
+                    f"download of {url} failed{tries}: {err}", transient=_transient(err)
+                ) from err
             wait = backoff * 2**attempt
             log.warning(
                 "download of %s failed (%s); retry %d/%d in %.1f s",
