@@ -197,7 +197,7 @@ def tnbc_runs(epochs: int, samples: int, device: str, tiny: bool) -> dict[str, f
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             times[precision] = _kseg(["train", "--params", "params.yaml", "--fresh"], project)
             shutil.rmtree(project / ".checkpoints", ignore_errors=True)
-            summary = json.loads((project / "metrics" / "train.json").read_text())
+            summary = json.loads((project / "models/kseg/train_summary.json").read_text())
             speedup = times["fp32"] / times[precision]
             print(
                 f"    {precision:5s} {times[precision]:7.1f} s  x{speedup:5.2f}"

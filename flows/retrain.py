@@ -348,7 +348,8 @@ def retrain(
                     retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
                     retry_condition_fn=retry_if_transient,
                 )
-            results.append(runner(str(project), stage))
+            # The state, then its result: a stage that did not run returns a named state.
+            results.append(runner(str(project), stage, return_state=True).result())
         report = publish_report(str(project), results, updates)
     return {"stages": results, "params_changed": changed, "report": report}
 

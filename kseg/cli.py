@@ -154,7 +154,7 @@ def normalize(params: ParamsOpt = Path("params.yaml")) -> None:
     except (OSError, ValueError) as err:
         _fail(f"normalize failed, {cfg.stain.out_dir}/ left unchanged: {err}")
     typer.echo(
-        f"{m['n_tiles']} tiles normalized ({m['method']}) into {cfg.stain.out_dir}/; "
+        f"{m['n_tiles']} tiles normalized ({cfg.stain.method}) into {cfg.stain.out_dir}/; "
         f"{m['n_passed_through']} passed through unchanged; per-patient stain spread H "
         f"{m['spread_h_deg_before']:.2f} -> {m['spread_h_deg_after']:.2f} deg, E "
         f"{m['spread_e_deg_before']:.2f} -> {m['spread_e_deg_after']:.2f} deg"

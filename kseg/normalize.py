@@ -268,14 +268,14 @@ def run_normalize(params: Params) -> dict[str, Any]:
             staging / "report.png", format="PNG"
         )
 
+    # Numbers only (DVC compares them across commits; the method and reference are params).
     metrics: dict[str, Any] = {
-        "method": cfg.method,
-        "reference": cfg.reference,
         "n_fit_tiles": len(split["train"]) if cfg.reference == "pooled" else 1,
         "n_tiles": len(all_ids),
         "n_passed_through": len(skipped),
-        "passed_through": skipped,
     }
+    if skipped:
+        log.info("passed through unchanged: %s", ", ".join(skipped))
     # Timings go to the log, not into the metrics file DVC hashes and compares.
     log.info("stain fit %.3f s, %.1f tiles/s", fit_s, len(all_ids) / max(transform_s, 1e-9))
     b = stain_spread(before, patients, cfg)

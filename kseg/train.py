@@ -790,7 +790,8 @@ def _write_outputs(
 
     out = Path(params.train.out_dir)
     best = state.history[state.best_epoch - 1] if state.best_epoch > 0 else {}
-    scores = {k: v for k, v in best.items() if k not in (*TIMING_KEYS, "epoch", "lr")}
+    skip = (*TIMING_KEYS, "epoch", "lr", "train_loss")
+    scores = {("loss" if k == "val_loss" else k): v for k, v in best.items() if k not in skip}
     summary: dict[str, Any] = {
         "best_epoch": state.best_epoch,
         "best_score": state.best_score,
@@ -799,7 +800,8 @@ def _write_outputs(
         "fingerprint": job,
         "n_train_tiles": len(split["train"]),
         "n_val_tiles": len(split["val"]),
-        "val": scores,  # the selected epoch's validation scores and losses
+        "train_loss": best.get("train_loss"),  # of the kept epoch
+        "val": scores,  # the kept epoch's validation scores and loss
     }
     if fit_report.get("fitted"):
         summary["val_fitted_" + fit_report["metric"]] = fit_report["score"]
@@ -823,6 +825,7 @@ def _write_outputs(
         metrics = {
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch,
+            "train_loss": best.get("train_loss"),
             "val": scores,
         }
         if fit_report.get("fitted"):
@@ -843,7 +846,8 @@ def _log_selected_epoch(
     The charts show every epoch; the run's metric columns would otherwise show the last epoch,
     not the model that was kept.
     """
-    best = {f"best_{k}": v for k, v in summary["val"].items()}
+    row = state.history[state.best_epoch - 1] if state.best_epoch > 0 else {}
+    best = {f"best_{k}": v for k, v in row.items() if k not in (*TIMING_KEYS, "epoch", "lr")}
     best["best_epoch"] = float(state.best_epoch)
     fitted = f"val_fitted_{params.train.select_metric}"
     if fitted in summary:

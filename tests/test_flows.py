@@ -144,7 +144,15 @@ def _artifact_markdown(flow_run_id) -> str:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("harness", "no_mlflow_env")
-def test_retrain_end_to_end_then_skips_unchanged_stages(tmp_path: Path) -> None:
+def test_retrain_end_to_end_then_skips_unchanged_stages(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import logging
+
+    # The suite runs Prefect at WARNING; the streamed stage output is logged at INFO.
+    task_logger = logging.getLogger("prefect.task_runs")
+    request.addfinalizer(lambda level=task_logger.level: task_logger.setLevel(level))
+    task_logger.setLevel(logging.INFO)
     project = make_project(tmp_path / "p")
     params_before = (project / "params.yaml").read_bytes()
     order = stage_order(project)
