@@ -35,7 +35,8 @@ def harness():
     """One temporary Prefect API (SQLite) for every in-process flow run of this module."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # A loaded 2-core machine can take minutes to start the server (migrations).
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

@@ -134,7 +134,11 @@ def _check_committed_metrics_and_plots(project: Path) -> None:
     assert train["val.aji"]["old"] is not None and train["val.aji"]["new"] is not None
     exp = _dvc("exp", "show", "--json", "--no-pager", cwd=project)
     assert exp.returncode == 0, exp.stderr
-    assert "error" not in exp.stdout.lower()
+    rows = json.loads(exp.stdout)  # the workspace, then the commit (the baseline)
+    assert [r["rev"] for r in rows][:1] == ["workspace"] and len(rows) >= 2
+    for row in rows:
+        for name, content in row["data"]["metrics"].items():
+            assert "error" not in content and content["data"], (row["rev"], name, content)
 
     # Every declared plot has data; per-tile AJI on a categorical axis of tile ids.
     shown_plots = json.loads(_dvc("plots", "show", "--json", cwd=project).stdout)
