@@ -247,11 +247,13 @@ def retrain(
         "train.epochs": epochs,
         "train.device": device,
     }
-    changed = set_params(project / "params.yaml", {k: v for k, v in knobs.items() if v is not None})
+    # Every argument is checked before params.yaml is touched: a typo in `stages` must not leave
+    # a rewritten params.yaml behind.
     order = stage_order(project)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
         raise ValueError(f"stages {unknown} are not in {project / 'dvc.yaml'}; it has {order}")
+    changed = set_params(project / "params.yaml", {k: v for k, v in knobs.items() if v is not None})
     results = []
     for stage in order:
         if stages is not None and stage not in stages:

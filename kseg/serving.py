@@ -15,8 +15,10 @@ Response: ``{"predictions": [{"labels": "<base64 PNG>", "labels_format": "png", 
 nuclei); past 65535 nuclei it is a 32-bit TIFF (``labels_format: "tiff"``). With
 ``return_distance`` a ``distance`` column holds the float32 distance map as a base64 TIFF.
 
-The class is importable from ``kseg.serving`` (cloudpickle stores a reference to it, not its code);
-the logged model bundles the ``kseg`` package (``code_paths``) so a fresh process can import it.
+The model is logged as code (MLflow's models-from-code: :data:`PYFUNC_CODE` builds the object),
+never as a cloudpickled object, so whoever can write to the registry cannot make the serving host
+unpickle code; the logged model bundles the ``kseg`` package (``code_paths``) so a fresh process
+can import it.
 """
 
 from __future__ import annotations
@@ -274,10 +276,24 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+#: The pyfunc's code file (MLflow models-from-code): MLflow runs it to get the model object, so
+#: the logged model holds this source file and the weights, no pickled Python object.
+PYFUNC_CODE = '''"""kseg's MLflow pyfunc, logged as code: the model object is built here, not unpickled."""
+
+import mlflow
+
+from kseg.serving import KsegPyfunc
+
+mlflow.models.set_model(KsegPyfunc())
+'''
+
+
 def log_pyfunc(model_dir: Path, name: str = "model") -> Any:
     """Logs ``model_dir`` as a pyfunc model into the active run; returns MLflow's ModelInfo.
 
-    The ``kseg`` package is copied (without ``__pycache__``) as the model's code, so loading
+    The pyfunc is logged as code (MLflow's models-from-code, ``python_model`` given as a file):
+    the artifact holds :data:`PYFUNC_CODE`, the ``kseg`` package (without ``__pycache__``) and the
+    model folder, and no cloudpickled object, so loading it runs only kseg's own source and
     needs only the pinned requirements, not a kseg install.
     """
     import kseg
@@ -286,9 +302,11 @@ def log_pyfunc(model_dir: Path, name: str = "model") -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "kseg"
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        entry = Path(tmp) / "kseg_pyfunc.py"
+        entry.write_text(PYFUNC_CODE)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=KsegPyfunc(),
+            python_model=str(entry),
             artifacts={ARTIFACT_KEY: str(model_dir)},
             code_paths=[str(code)],
             signature=signature(),

@@ -534,6 +534,10 @@ def test_d6_no_secret_in_any_file_or_run(
     )
     blobs = [p.read_bytes() for p in Path(local).rglob("*") if p.is_file()]
     assert blobs and not any(b"SECRETTOKEN" in b for b in blobs)
+    # Defect 14: the served model is code and weights, no pickled object.
+    names = {p.name for p in Path(local).rglob("*")}
+    assert "python_model.pkl" not in names and "kseg_pyfunc.py" in names
+    assert "model_code_path" in (Path(local) / "MLmodel").read_text()
 
 
 FULL_DISK = r"""
@@ -721,3 +725,22 @@ def test_redaction_keeps_what_is_not_secret() -> None:
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
     assert redact("data/tiles") == "data/tiles"
     assert redact_text("GET https://t0k@h/x?sig=1 failed") == "GET https://***@h/x?*** failed"
+
+
+def test_d13_flow_checks_stages_before_rewriting_params(project: Path) -> None:
+    from flows.retrain import retrain
+
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(ValueError, match="not in"):
+        retrain.fn(epochs=7, stages=["trian"], project_dir=str(project))
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_d8_corrupt_tracking_database_is_named(tmp_path: Path) -> None:
+    from kseg.tracking import check_tracking
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not an sqlite database, it was truncated by a full disk" * 20)
+    with pytest.raises(ValueError, match="mlflow.db: the MLflow tracking database is unreadable"):
+        check_tracking(f"sqlite:///{db}")
+    check_tracking(f"sqlite:///{tmp_path / 'new.db'}")  # a missing file is a new store: fine

@@ -172,6 +172,8 @@ def check_tnbc(root: Path) -> tuple[int, int]:
             n_tiles += 1
             if not (gt / img.name).is_file():
                 missing.append(f"{gt.name}/{img.name}")
+            else:
+                member_path(root, f"{gt.name}/{img.name}", "TNBC dataset file")
     if missing:
         raise ValueError(
             f"TNBC layout: ground truth missing for {len(missing)} tile(s): {missing[:5]}"
