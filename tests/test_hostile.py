@@ -741,6 +741,6 @@ def test_d8_corrupt_tracking_database_is_named(tmp_path: Path) -> None:
 
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"this is not an sqlite database, it was truncated by a full disk" * 20)
-    with pytest.raises(ValueError, match="mlflow.db: the MLflow tracking database is unreadable"):
+    with pytest.raises(ValueError, match=r"mlflow\.db: the MLflow tracking database is unreadable"):
         check_tracking(f"sqlite:///{db}")
     check_tracking(f"sqlite:///{tmp_path / 'new.db'}")  # a missing file is a new store: fine
