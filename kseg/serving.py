@@ -278,7 +278,7 @@ def pip_requirements() -> list[str]:
 
 #: The pyfunc's code file (MLflow models-from-code): MLflow runs it to get the model object, so
 #: the logged model holds this source file and the weights, no pickled Python object.
-PYFUNC_CODE = '''"""kseg's MLflow pyfunc, logged as code: the object is built here, not unpickled."""
+PYFUNC_CODE = '''"""kseg's MLflow pyfunc, logged as code: the object is made here, not unpickled."""
 
 import mlflow
 
