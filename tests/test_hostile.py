@@ -580,7 +580,7 @@ def test_d7_full_disk_fails_loudly_and_leaves_nothing_under_a_final_name(tmp_pat
         [sys.executable, "-c", FULL_DISK, str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # seconds on an idle machine; imports crawl on a loaded one
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
