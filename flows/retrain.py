@@ -331,6 +331,8 @@ def retrain(
         "train.epochs": epochs,
         "train.device": device,
     }
+    # Every argument is checked before params.yaml is touched: a typo in `stages` must not leave
+    # a rewritten params.yaml behind.
     order = stage_order(project)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:

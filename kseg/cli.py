@@ -42,8 +42,10 @@ def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
     from rich.text import Text
 
+    from kseg.safety import redact_text
+
     # Text() keeps the message literal: config errors contain brackets like "[0, inf]".
-    line = Text("error: ", style="bold red") + Text(message)
+    line = Text("error: ", style="bold red") + Text(redact_text(message))
     Console(stderr=True, soft_wrap=True).print(line, highlight=False)
     raise typer.Exit(code)
 
@@ -184,6 +186,11 @@ def model_info_cmd(
     if original:
         base = ModelConfig.original_compatible(base.nfeat, base.mid_channels)
     changes = {k: v for k, v in (("arch", arch), ("nfeat", nfeat), ("tile_size", tile_size)) if v}
+    import typing
+
+    allowed = typing.get_args(typing.get_type_hints(ModelConfig)["arch"])
+    if arch is not None and arch not in allowed:
+        _fail(f"--arch {arch!r}: expected one of {', '.join(allowed)}")
     try:
         cfg = base.with_(**changes)
     except (TypeError, ValueError) as err:
@@ -238,6 +245,8 @@ def train(
     """
     cfg = _load(params)
     _setup_logging()
+    from mlflow.exceptions import MlflowException
+
     from kseg.train import TrainingDiverged
     from kseg.train import train as run_train
 
@@ -245,8 +254,8 @@ def train(
         summary = run_train(cfg, resume=resume)
     except TrainingDiverged as err:
         _fail(str(err), code=1)
-    except (OSError, ValueError) as err:
-        _fail(f"train failed: {err}")
+    except (OSError, ValueError, MlflowException) as err:
+        _fail(f"train failed (the last checkpoint is kept; run it again to resume): {err}")
     if summary:
         typer.echo(
             f"model written to {cfg.train.out_dir}/ (best epoch {summary['best_epoch']}, "
@@ -265,11 +274,13 @@ def evaluate(
     """Segment the held-out test patients; write metrics/eval.json, per-tile table, overlays."""
     cfg = _load(params)
     _setup_logging()
+    from mlflow.exceptions import MlflowException
+
     from kseg.evaluate import evaluate as run_evaluate
 
     try:
         summary = run_evaluate(cfg, model, device)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, MlflowException) as err:
         _fail(f"evaluate failed: {err}")
     keys = ("pixel_f1", "object_f1", "aji", "pq")
     typer.echo(
@@ -320,6 +331,10 @@ def predict(
     dtype: Annotated[
         str, typer.Option(help="float32, or float16 / bfloat16 (autocast, GPU).")
     ] = "float32",
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(min=1, help="Refuse larger images (default: KSEG_MAX_PIXELS or 100,000,000)."),
+    ] = None,
 ) -> None:
     """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON."""
     _setup_logging()
@@ -334,6 +349,7 @@ def predict(
             progress=sys.stderr.isatty(),
             batch_size=batch_size,
             dtype=dtype,
+            max_pixels=max_pixels,
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

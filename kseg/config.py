@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,8 +51,12 @@ class SyntheticConfig:
     n_patients: int = _f(6, min=1, max=1000)
     tiles_per_patient: int = _f(4, min=1, max=1000)
     tile_size: int = _f(256, min=64, max=4096)
-    nuclei_per_tile: tuple[int, int] = _f((25, 45), help="min and max nuclei drawn per tile")
-    nucleus_radius: tuple[float, float] = _f((5.0, 11.0), help="min and max semi-axis in pixels")
+    nuclei_per_tile: tuple[int, int] = _f(
+        (25, 45), min=0, max=10_000, ordered=True, help="min and max nuclei drawn per tile"
+    )
+    nucleus_radius: tuple[float, float] = _f(
+        (5.0, 11.0), min=1.0, max=256.0, ordered=True, help="min and max semi-axis in pixels"
+    )
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,24 @@ class DataConfig:
     url: str | None = _f(None, help="override the download URL (http(s)://, file:// or a path)")
     sha256: str | None = _f(None, help="override the expected sha256 of the archive")
     path: str | None = _f(None, help="local archive or folder (kidney, folder sources)")
-    dir: str = _f("data", help="folder the raw dataset is written to")
+    dir: str = _f("data", path=True, help="folder the raw dataset is written to")
     retries: int = _f(3, min=0, max=20, help="extra download attempts on transient errors")
     timeout_s: float = _f(60.0, min=1.0, max=3600.0, help="socket timeout per download attempt")
+    max_extract_bytes: int = _f(
+        16 * 2**30, min=2**20, help="archives: most bytes all entries may unpack to (zip bomb cap)"
+    )
+    max_entry_ratio: float = _f(
+        200.0, min=1.0, help="archives: most an entry may expand over its compressed size"
+    )
+    max_entries: int = _f(200_000, min=1, help="archives: most entries an archive may list")
     synthetic: SyntheticConfig = _f(SyntheticConfig())
 
     def validate(self) -> None:
-        """A checksum override must be a full sha256 (64 hex digits)."""
+        """A checksum override must be a full sha256 (64 hex digits); paths are not blank."""
+        for key in ("url", "path"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"{key}: an empty string; use null for none")
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)
         ):
@@ -79,7 +95,7 @@ class DataConfig:
 class PrepareConfig:
     """Canonical tiles, labels and distance targets, and the per-tile manifest."""
 
-    out_dir: str = _f("prepared")
+    out_dir: str = _f("prepared", path=True)
     tissue_od: float = _f(
         0.15, min=0.0, max=3.0, help="a pixel is tissue when its largest channel OD exceeds this"
     )
@@ -113,14 +129,16 @@ class ValidateConfig:
     min_tile_size: int = _f(64, min=1, help="smallest tile height/width accepted")
     min_tissue_fraction: float = _f(0.05, min=0.0, max=1.0)
     mean_nucleus_area: tuple[float, float] = _f(
-        (10.0, 5000.0), help="plausible mean nucleus area per tile, in pixels"
+        (10.0, 5000.0), min=0.0, ordered=True, help="plausible mean nucleus area per tile, pixels"
     )
     od_mean: tuple[float, float] = _f(
-        (0.05, 2.0), help="plausible mean optical density of tissue pixels (H&E)"
+        (0.05, 2.0), min=0.0, ordered=True, help="plausible mean OD of tissue pixels (H&E)"
     )
-    rgb_mean: tuple[float, float] = _f((30.0, 245.0), help="plausible mean of each RGB channel")
-    report: str = _f("reports/validation.html")
-    metrics: str = _f("metrics/validation.json")
+    rgb_mean: tuple[float, float] = _f(
+        (30.0, 245.0), min=0.0, max=255.0, ordered=True, help="plausible mean of each RGB channel"
+    )
+    report: str = _f("reports/validation.html", path=True)
+    metrics: str = _f("metrics/validation.json", path=True)
 
 
 @dataclass(frozen=True)
@@ -145,7 +163,7 @@ class StainConfig:
         10.0, min=0.0, max=90.0, help="Macenko: H and E closer (degrees) = one stain, pass through"
     )
     report_tiles: int = _f(4, min=0, max=32, help="patients shown before/after in report.png")
-    out_dir: str = _f("normalized")
+    out_dir: str = _f("normalized", path=True)
 
     def validate(self) -> None:
         """A tile id reference cannot be empty."""
@@ -160,14 +178,14 @@ class AugmentConfig:
     flips: bool = _f(True, help="horizontal and vertical flips (the original's)")
     rotate90: bool = _f(True, help="random multiples of 90 degrees (the original's)")
     affine_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a random affine warp")
-    affine_scale: tuple[float, float] = _f((0.9, 1.1), min=0.25, max=4.0)
+    affine_scale: tuple[float, float] = _f((0.9, 1.1), min=0.25, max=4.0, ordered=True)
     affine_rotate: float = _f(15.0, min=0.0, max=180.0, help="max rotation, degrees")
     affine_shear: float = _f(5.0, min=0.0, max=45.0, help="max shear, degrees")
     elastic_p: float = _f(0.0, min=0.0, max=1.0, help="probability of an elastic warp")
     elastic_alpha: float = _f(30.0, min=0.0, max=1000.0, help="displacement scale, pixels")
     elastic_sigma: float = _f(6.0, min=0.5, max=100.0, help="displacement smoothness, pixels")
     blur_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a Gaussian blur")
-    blur_sigma: tuple[float, float] = _f((0.3, 1.2), min=0.05, max=10.0)
+    blur_sigma: tuple[float, float] = _f((0.3, 1.2), min=0.05, max=10.0, ordered=True)
     brightness_contrast_p: float = _f(0.2, min=0.0, max=1.0)
     brightness: float = _f(0.1, min=0.0, max=1.0, help="max brightness change (fraction)")
     contrast: float = _f(0.1, min=0.0, max=1.0, help="max contrast change (fraction)")
@@ -246,8 +264,12 @@ class TrainConfig:
         help="DDP collective timeout (minutes): the other ranks wait this long for rank 0's "
         "validation and post-processing fit",
     )
-    checkpoint_dir: str = _f(".checkpoints", help="resumable checkpoints, one folder per config")
-    out_dir: str = _f("models/kseg", help="the model folder evaluate/register/predict use")
+    checkpoint_dir: str = _f(
+        ".checkpoints", path=True, help="resumable checkpoints, one folder per config"
+    )
+    out_dir: str = _f(
+        "models/kseg", path=True, help="the model folder evaluate/register/predict use"
+    )
     experiment: str = _f("kseg", help="MLflow experiment name")
     val_overlays: int = _f(2, min=0, max=64, help="validation overlay images logged per epoch")
 
@@ -416,6 +438,9 @@ _SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
 }
 
 
+_INT64 = 2**63 - 1
+
+
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp not in _SCALARS:
         raise ConfigError(f"{key}: unsupported setting type {tp!r}")  # a bug in the schema
@@ -423,6 +448,10 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     # bool is a subclass of int in Python; `seed: true` must not pass as 1.
     if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    if tp is int and not -_INT64 - 1 <= value <= _INT64:
+        raise ConfigError(f"{key}: {value!r} does not fit a 64-bit integer")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     return float(value) if tp is float else value
 
 
@@ -435,6 +464,12 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
         if (lo is not None and item < lo) or (hi is not None and item > hi):
             bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
             raise ConfigError(f"{key}: {value!r} is out of range; allowed {bounds}")
+    if meta.get("ordered") and len(items) == 2 and items[0] > items[1]:
+        raise ConfigError(
+            f"{key}: {list(value)!r} is inverted; expected [low, high] with low <= high"
+        )
+    if meta.get("path") and not str(value).strip():
+        raise ConfigError(f"{key}: an empty path; give a folder or file name")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {meta['choices']}")
 
@@ -478,6 +513,31 @@ def params_from_dict(raw: dict[str, Any] | None) -> Params:
     return _build(Params, raw, "")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _mapping_no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"found the key {key!r} twice (first {seen[key]}); YAML would silently keep only "
+                "the last one",
+                key_node.start_mark,
+            )
+        seen[key] = f"line {key_node.start_mark.line + 1}"
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates
+)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Loads and validates ``params.yaml``.
 
@@ -491,9 +551,20 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the parameters file ({err})") from err
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the file is empty; kseg will not guess the parameters (write `{{}}` to run "
+            "on the built-in defaults, or copy the shipped params.yaml)"
+        )
     try:
         return params_from_dict(raw)
     except ConfigError as err:
@@ -510,9 +581,14 @@ def to_dict(obj: Any) -> Any:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train.lr": 0.001, ...}`` view of a config, for experiment trackers."""
+    """``{"train.lr": 0.001, ...}`` view of a config, for experiment trackers.
+
+    URLs lose their credentials and query strings (:func:`kseg.safety.redact`).
+    """
+    from kseg.safety import redact_tree
+
     out: dict[str, Any] = {}
-    for key, value in to_dict(obj).items():
+    for key, value in redact_tree(to_dict(obj)).items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten_dict(value, name + "."))
@@ -539,7 +615,12 @@ def params_hash(params: Params) -> str:
 
 
 def save_config(obj: Any, path: str | Path) -> Path:
-    """Writes a config object as JSON next to the artifact that depends on it (atomically)."""
-    from kseg.fsutil import atomic_write_text
+    """Writes a config object as JSON next to the artifact that depends on it (atomically).
 
-    return atomic_write_text(Path(path), json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
+    URLs lose their credentials and query strings (:func:`kseg.safety.redact`).
+    """
+    from kseg.fsutil import atomic_write_text
+    from kseg.safety import redact_tree
+
+    text = json.dumps(redact_tree(to_dict(obj)), indent=2, sort_keys=True)
+    return atomic_write_text(Path(path), text + "\n")

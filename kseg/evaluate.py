@@ -24,6 +24,7 @@ import numpy as np
 from kseg.config import Params
 from kseg.data.dataset import load_split, load_tiles
 from kseg.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
+from kseg.registry import model_digest
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def evaluate(
     tiles = load_tiles(prepared / "images", prepared / "labels", split["test"])
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with atomic_dir(Path("reports") / "eval") as overlays:
+    with atomic_dir(Path("reports") / "eval", owned_only=False) as overlays:
         for tile_id, image, gt in zip(tiles.ids, tiles.images, tiles.labels, strict=True):
             pred, _ = segmenter.segment(image)
             scores = segmentation_metrics(pred, gt)
@@ -74,6 +75,8 @@ def evaluate(
     summary.update(n_tiles=len(rows))
     # A timing, not a score: logged, kept out of the metrics file DVC hashes and compares.
     log.info("evaluated %d test tiles, %.3f s per tile", len(rows), seconds / len(rows))
+    # Ties these numbers to these weights: register refuses metrics of another model.
+    summary["model_sha256"] = model_digest(model_dir)
     _write_metrics(summary, rows)
     _log_to_training_run(model_dir, summary)
     return summary
@@ -103,13 +106,25 @@ def _log_to_training_run(model_dir: Path, summary: dict[str, Any]) -> None:
         return
     import mlflow
 
+    from kseg.safety import redact, redact_text
+    from kseg.tracking import check_tracking
+
+    # An unreachable server is an error with its cause (metrics/eval.json is written already);
+    # a reachable one without the run (a model trained elsewhere) is only worth a warning.
+    check_tracking()
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     try:
         client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise OSError(
+                f"MLflow at {redact(tracking_uri())}: cannot read run {run_id} ({redact_text(err)})"
+            ) from err
         log.warning(
-            "MLflow run %s not found at %s: test metrics not logged", run_id, tracking_uri()
+            "MLflow run %s not found at %s: test metrics not logged",
+            run_id,
+            redact(tracking_uri()),
         )
         return
     for key in (*EVAL_KEYS, *EXTRA_KEYS):

@@ -56,9 +56,17 @@ class Preprocess:
         path = Path(folder) / PREPROCESS_FILE
         try:
             raw = json.loads(path.read_text())
-            return cls(mean=tuple(raw["mean"]), std=tuple(raw["std"]))
+            mean = tuple(float(v) for v in raw["mean"])
+            std = tuple(float(v) for v in raw["std"])
         except (OSError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a kseg preprocess file ({err})") from err
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(
+                f"{path}: mean and std need 3 values (R, G, B), got {len(mean)} and {len(std)}"
+            )
+        if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
+            raise ValueError(f"{path}: mean must be finite and std finite and positive")
+        return cls(mean=mean, std=std)
 
     @classmethod
     def fit(cls, images: list[NDArray[np.uint8]]) -> Preprocess:

@@ -29,6 +29,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kseg.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
+from kseg.safety import (
+    PREDICT_MAX_PIXELS,
+    check_pixels,
+    image_size,
+    max_pixels_from_env,
+    redact,
+    redact_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +71,27 @@ def iter_inputs(paths: Iterable[Path], report: PredictReport) -> Iterator[Path]:
             yield path
 
 
-def read_image(path: Path) -> NDArray[np.uint8]:
+def read_image(path: Path, max_pixels: int = PREDICT_MAX_PIXELS) -> NDArray[np.uint8]:
     """Reads any common image as ``(H, W, 3)`` uint8 RGB.
 
-    Grayscale is replicated to RGB, alpha is dropped, 16-bit images are scaled to 8 bits
-    (value / 257), float images are clipped to [0, 1] and scaled.
+    Grayscale is replicated to RGB, alpha is composited on white (as ``kseg prepare`` does),
+    16-bit images are scaled to 8 bits (value / 257), float images are clipped to [0, 1] and
+    scaled. A multi-page TIFF gives its first page (as in prepare). The size is read from the
+    header first: an image above ``max_pixels`` is refused before it is decoded.
 
     Raises:
-        ValueError: If the file is missing or is not a readable image (the file is named).
+        ValueError: If the file is missing, too large or is not a readable image (named).
     """
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    size = image_size(path)
+    if size is not None:
+        check_pixels(*size, max_pixels, str(path), " (--max-pixels, KSEG_MAX_PIXELS)")
     try:
         if path.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
 
-            arr = tifffile.imread(path)
+            arr = tifffile.imread(path, key=0)
         else:
             import cv2
 
@@ -100,8 +113,10 @@ def to_rgb8(arr: NDArray, path: Path | str = "image") -> NDArray[np.uint8]:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
         raise ValueError(f"{path}: unsupported image shape {arr.shape}")
-    if arr.shape[2] in (1, 2):  # gray (+ alpha)
-        arr = np.repeat(arr[..., :1], 3, axis=2)
+    if arr.shape[2] in (2, 4):  # alpha: composite on white (transparent = glass), as prepare
+        arr = _on_white(arr)
+    if arr.shape[2] == 1:  # gray
+        arr = np.repeat(arr, 3, axis=2)
     arr = arr[..., :3]
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
@@ -112,6 +127,17 @@ def to_rgb8(arr: NDArray, path: Path | str = "image") -> NDArray[np.uint8]:
     if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
         return np.clip(arr, 0, 255).astype(np.uint8)
     raise ValueError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def _on_white(arr: NDArray) -> NDArray:
+    """Colour (+ alpha) over a white background, in the input's dtype and scale."""
+    top = 255.0 if arr.dtype == np.uint8 else 65535.0 if arr.dtype == np.uint16 else 1.0
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype not in (np.uint8, np.uint16):
+        top = 255.0
+    alpha = np.clip(arr[..., -1:].astype(np.float32) / top, 0.0, 1.0)
+    color = arr[..., :-1].astype(np.float32)
+    out = color * alpha + top * (1.0 - alpha)
+    return np.rint(out).astype(arr.dtype) if arr.dtype.kind in "iu" else out.astype(arr.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +240,11 @@ def write_outputs(
         tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
     with atomic_path(paths[1]) as tmp:
         # OpenCV's PNG writer at low compression is ~10x faster than PIL's default here.
-        cv2.imwrite(str(tmp), overlay(rgb, labels)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        ok = cv2.imwrite(
+            str(tmp), overlay(rgb, labels)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        )
+        if not ok:  # OpenCV reports a failed write (disk full...) only by its return value
+            raise OSError(f"cannot write {paths[1]}: OpenCV could not write the PNG (disk full?)")
     rows = nucleus_table(labels, rgb)
     buf = io.StringIO()
     fields = [
@@ -271,6 +301,15 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     if spec == "pretrained" or spec.startswith("pretrained:"):
         return pretrained_model(spec.partition(":")[2] or DEFAULT_PRETRAINED)
     path = Path(spec)
+    scheme = spec.split(":", 1)[0].lower() if ":" in spec else ""
+    if scheme in ("http", "https", "ftp", "s3", "gs", "file") or (
+        "://" in spec and not spec.startswith(("models:/", "runs:/"))
+    ):
+        raise ValueError(
+            f"--model {redact(spec)}: not a model folder or an MLflow model URI; give a local "
+            "folder, pretrained[:name], models:/<name>@<alias>, models:/<name>/<version> or "
+            "runs:/<run_id>/<path> (the tracking server comes from MLFLOW_TRACKING_URI)"
+        )
     if "://" not in spec and not spec.startswith(("models:/", "runs:/")):
         if not path.is_dir():
             raise ValueError(f"{spec}: model folder not found")
@@ -287,7 +326,9 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
             )
         )
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"{spec}: cannot load from MLflow at {tracking_uri()} ({err})") from err
+        raise ValueError(
+            f"{spec}: cannot load from MLflow at {redact(tracking_uri())} ({redact_text(err)})"
+        ) from err
     for cand in [local, *sorted(p for p in local.rglob("*") if p.is_dir())]:
         if all((cand / f).is_file() for f in MODEL_FILES):
             return cand
@@ -302,12 +343,16 @@ def predict(
     progress: bool = True,
     batch_size: int = 4,
     dtype: str | None = None,
+    max_pixels: int | None = None,
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
     ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``batch_size`` windows per forward
-    pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32).
+    pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32);
+    ``max_pixels`` refuses larger images (default ``KSEG_MAX_PIXELS`` or
+    :data:`kseg.safety.PREDICT_MAX_PIXELS`). A failed image does not stop the others.
     """
+    limit = max_pixels or max_pixels_from_env(PREDICT_MAX_PIXELS)
     from kseg.segmenter import Segmenter
 
     segmenter = Segmenter.from_folder(resolve_model(model), device, batch_size, dtype)
@@ -315,10 +360,12 @@ def predict(
     files = list(iter_inputs(inputs, report))
     for path in _progress(files, progress):
         try:
-            rgb = read_image(path)
+            rgb = read_image(path, limit)
             labels, _ = segmenter.segment(rgb)
             report.written += write_outputs(out_dir, path.stem, rgb, labels)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, MemoryError) as err:
+            if isinstance(err, MemoryError):
+                err = MemoryError(f"out of memory ({err or 'no detail'}); lower --max-pixels")
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
             report.failed[str(path)] = msg
             log.error("%s", msg)

@@ -124,6 +124,48 @@ def read_eval(path: Path, metric: str) -> dict[str, float]:
     }
 
 
+def check_metrics_owner(path: Path, digest: str) -> None:
+    """Refuses a metrics file that ``kseg evaluate`` did not write for the model of ``digest``.
+
+    Raises:
+        ValueError: If the file has no ``model_sha256`` or another one (both are named).
+    """
+    try:
+        recorded = json.loads(path.read_text()).get(DIGEST_TAG)
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot read the test metrics ({err})") from err
+    if recorded != digest:
+        got = f"model {str(recorded)[:12]}" if recorded else f"no {DIGEST_TAG}"
+        raise ValueError(
+            f"{path}: these metrics are not of this model ({got}; the model folder is "
+            f"{digest[:12]}): run `kseg evaluate` on it first"
+        )
+
+
+def smoke_test(model_dir: Path, prepared: Path, device: str = "cpu") -> None:
+    """Loads the candidate and segments one test tile; raises ValueError if anything fails.
+
+    Runs before any registry change, so a truncated or mismatched model never gets a version.
+    """
+    import numpy as np
+
+    from kseg.data.dataset import load_split, load_tiles
+    from kseg.segmenter import Segmenter
+
+    tile = sorted(load_split(prepared)["test"])[:1]
+    try:
+        segmenter = Segmenter.from_folder(model_dir, device, 1)
+        image = load_tiles(prepared / "images", prepared / "labels", tile).images[0]
+        labels, dist = segmenter.segment(image)
+        if labels.shape != image.shape[:2] or not np.isfinite(dist).all():
+            raise ValueError(f"output of shape {labels.shape} or non-finite maps")
+    except Exception as err:  # any failure of the candidate is a refusal, not a crash
+        raise ValueError(
+            f"{model_dir}: the candidate model does not load and run on test tile {tile} "
+            f"({type(err).__name__}: {err}); nothing was registered"
+        ) from err
+
+
 def score_model(
     model_dir: Path, prepared: Path, metric: str, device: str = "cpu", batch_size: int = 4
 ) -> float:
@@ -339,7 +381,8 @@ def register(
     import mlflow
 
     from kseg.predict import MODEL_FILES
-    from kseg.tracking import tracking_uri
+    from kseg.safety import redact
+    from kseg.tracking import check_tracking, tracking_uri
 
     cfg = params.register
     model_dir = Path(model_dir or params.train.out_dir)
@@ -351,7 +394,10 @@ def register(
     prepared = Path(params.prepare.out_dir)
     split_sha, n_test = split_fingerprint(prepared)
     digest = model_digest(model_dir)
+    check_metrics_owner(eval_path, digest)
+    smoke_test(model_dir, prepared, device or params.train.device)
 
+    check_tracking()
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     holder = _current_champion(client, cfg)
@@ -410,7 +456,7 @@ def register(
         "n_test_tiles": n_test,
         DIGEST_TAG: digest,
         "model_uri": f"models:/{cfg.model_name}/{version}",
-        "tracking_uri": tracking_uri(),
+        "tracking_uri": redact(tracking_uri()),
     }
     atomic_write_text(REPORT, json.dumps(report, indent=2) + "\n")
     return report

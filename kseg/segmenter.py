@@ -80,7 +80,10 @@ class Segmenter:
         if post is None:
             post = PostprocessConfig()
             if params_path.is_file():
-                post = params_from_dict(json.loads(params_path.read_text())).postprocess
+                try:
+                    post = params_from_dict(json.loads(params_path.read_text())).postprocess
+                except ValueError as err:  # JSONDecodeError and ConfigError alike
+                    raise ValueError(f"{params_path}: not a kseg params file ({err})") from err
         stain = None
         if (folder / "stain.json").is_file():
             from kseg.stain import load_stain

@@ -15,8 +15,10 @@ Response: ``{"predictions": [{"labels": "<base64 PNG>", "labels_format": "png", 
 nuclei); past 65535 nuclei it is a 32-bit TIFF (``labels_format: "tiff"``). With
 ``return_distance`` a ``distance`` column holds the float32 distance map as a base64 TIFF.
 
-The class is importable from ``kseg.serving`` (cloudpickle stores a reference to it, not its code);
-the logged model bundles the ``kseg`` package (``code_paths``) so a fresh process can import it.
+The model is logged as code (MLflow's models-from-code: :data:`PYFUNC_CODE` builds the object),
+never as a cloudpickled object, so whoever can write to the registry cannot make the serving host
+unpickle code; the logged model bundles the ``kseg`` package (``code_paths``) so a fresh process
+can import it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+
+from kseg.safety import (
+    SERVING_MAX_BYTES,
+    SERVING_MAX_PIXELS,
+    check_pixels,
+    image_size,
+    max_pixels_from_env,
+)
 
 ARTIFACT_KEY = "model_folder"
 # Distributions the pyfunc imports at prediction time (kseg's runtime dependencies).
@@ -65,16 +75,25 @@ def encode_image(rgb: NDArray[np.uint8]) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_image(value: str | bytes, row: int = 0) -> NDArray[np.uint8]:
+def decode_image(
+    value: str | bytes, row: int = 0, max_pixels: int = SERVING_MAX_PIXELS
+) -> NDArray[np.uint8]:
     """Base64 text (or raw bytes) of a PNG/TIFF/JPEG/BMP -> ``(H, W, 3)`` uint8 RGB.
 
+    The size is read from the image header first: more than ``max_pixels`` pixels (or more
+    than :data:`kseg.safety.SERVING_MAX_BYTES` bytes) is refused before decoding, so a small
+    file of a huge, uniform image cannot exhaust the server's memory.
+
     Raises:
-        ValueError: If the value is not base64 or not a readable image (the row is named).
+        ValueError: If the value is not base64, too large or not a readable image (the row is
+            named).
     """
     from kseg.predict import to_rgb8
 
     where = f"image[{row}]"
     if isinstance(value, str):
+        if len(value) > SERVING_MAX_BYTES * 4 // 3 + 4:
+            raise ValueError(f"{where}: {len(value)} characters, above {SERVING_MAX_BYTES} bytes")
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as err:
@@ -83,11 +102,16 @@ def decode_image(value: str | bytes, row: int = 0) -> NDArray[np.uint8]:
         data = bytes(value)
     else:
         raise ValueError(f"{where}: expected base64 text, got {type(value).__name__}")
+    if len(data) > SERVING_MAX_BYTES:
+        raise ValueError(f"{where}: {len(data)} bytes, above the limit of {SERVING_MAX_BYTES}")
+    size = image_size(io.BytesIO(data))
+    if size is not None:
+        check_pixels(*size, max_pixels, where, " (model_config max_pixels, KSEG_MAX_PIXELS)")
     try:
         if data[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF: tifffile reads any bit depth
             import tifffile
 
-            arr = tifffile.imread(io.BytesIO(data))
+            arr = tifffile.imread(io.BytesIO(data), key=0)
         else:
             import cv2
 
@@ -165,6 +189,7 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         device = config.get("device") or os.environ.get("KSEG_DEVICE", "cpu")
         batch_size = int(config.get("batch_size") or os.environ.get("KSEG_BATCH_SIZE", "4"))
         dtype = config.get("dtype") or os.environ.get("KSEG_DTYPE") or None
+        self.max_pixels = int(config.get("max_pixels") or max_pixels_from_env(SERVING_MAX_PIXELS))
         self.segmenter = Segmenter.from_folder(
             context.artifacts[ARTIFACT_KEY], device, batch_size, dtype
         )
@@ -173,14 +198,24 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """One output row per input row (see the module docstring for the columns)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         if "image" not in model_input.columns:
-            raise ValueError(
-                f"input: expected a column 'image' (base64 image), got {list(model_input.columns)}"
+            raise MlflowException(
+                f"input: expected a column 'image' (base64 image), got {list(model_input.columns)}",
+                error_code=INVALID_PARAMETER_VALUE,
             )
         with_distance = bool((params or {}).get("return_distance", False))
         rows = []
+        limit = getattr(self, "max_pixels", SERVING_MAX_PIXELS)
         for i, value in enumerate(model_input["image"].tolist()):
-            rgb = decode_image(value, i)
+            try:
+                rgb = decode_image(value, i, limit)
+            except ValueError as err:
+                # MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with
+                # this message, not a generic one.
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
             labels, dist = self.segmenter.segment(rgb)
             text, fmt = encode_labels(labels)
             row: dict[str, Any] = {
@@ -241,10 +276,24 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+#: The pyfunc's code file (MLflow models-from-code): MLflow runs it to get the model object, so
+#: the logged model holds this source file and the weights, no pickled Python object.
+PYFUNC_CODE = '''"""kseg's MLflow pyfunc, logged as code: the object is made here, not unpickled."""
+
+import mlflow
+
+from kseg.serving import KsegPyfunc
+
+mlflow.models.set_model(KsegPyfunc())
+'''
+
+
 def log_pyfunc(model_dir: Path, name: str = "model") -> Any:
     """Logs ``model_dir`` as a pyfunc model into the active run; returns MLflow's ModelInfo.
 
-    The ``kseg`` package is copied (without ``__pycache__``) as the model's code, so loading
+    The pyfunc is logged as code (MLflow's models-from-code, ``python_model`` given as a file):
+    the artifact holds :data:`PYFUNC_CODE`, the ``kseg`` package (without ``__pycache__``) and the
+    model folder, and no cloudpickled object, so loading it runs only kseg's own source and
     needs only the pinned requirements, not a kseg install.
     """
     import kseg
@@ -253,9 +302,11 @@ def log_pyfunc(model_dir: Path, name: str = "model") -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "kseg"
         shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        entry = Path(tmp) / "kseg_pyfunc.py"
+        entry.write_text(PYFUNC_CODE)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=KsegPyfunc(),
+            python_model=str(entry),
             artifacts={ARTIFACT_KEY: str(model_dir)},
             code_paths=[str(code)],
             signature=signature(),

@@ -7,6 +7,7 @@ mode), so ``mlflow ui`` in the repository shows them at once. Nothing here runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -30,6 +31,74 @@ EXPERIMENT_KIND = "custom_model_development"
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite file in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fails fast, with the cause, when the tracking store cannot be used.
+
+    An ``http(s)`` server must answer its ``/health`` page within ``timeout`` seconds (MLflow's
+    own client would retry for minutes first); a ``sqlite`` file must be a database. The URI in
+    the message has its credentials removed.
+
+    Raises:
+        OSError: The server is unreachable or unhealthy.
+        ValueError: The SQLite file is not a database.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from kseg.safety import redact
+
+    uri = uri or tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    shown = redact(uri)
+    if parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        if ":" in host:  # IPv6
+            netloc = f"[{host}]" + (f":{parts.port}" if parts.port else "")
+        url = urllib.parse.urlunsplit(
+            (parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")
+        )
+        request = urllib.request.Request(url)
+        if parts.username is not None:
+            import base64
+
+            user = urllib.parse.unquote(parts.username)
+            token = f"{user}:{urllib.parse.unquote(parts.password or '')}"
+            request.add_header(
+                "Authorization", "Basic " + base64.b64encode(token.encode()).decode()
+            )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403, 404):  # up, but /health is protected or not served
+                return
+            raise OSError(
+                f"MLflow tracking server {shown} answered {err.code} ({err.reason})"
+            ) from err
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise OSError(
+                f"MLflow tracking server {shown} is unreachable ({reason}); start it, or unset "
+                "MLFLOW_TRACKING_URI to track into sqlite:///mlflow.db here"
+            ) from err
+    if parts.scheme == "sqlite":
+        import sqlite3
+
+        path = uri.split(":///", 1)[-1] if ":///" in uri else ""
+        if not path or path == ":memory:" or not Path(path).exists():
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise ValueError(
+                f"{path}: the MLflow tracking database is unreadable ({err}); restore it from a "
+                "backup or move it away to start a new one"
+            ) from err
 
 
 def _git(*args: str) -> str | None:
@@ -168,6 +237,7 @@ class Tracker:
             return None
         import mlflow
 
+        check_tracking()  # seconds, not MLflow's minutes of retries before the first epoch
         mlflow.set_tracking_uri(tracking_uri())
         if run_id is None:
             experiment = mlflow.set_experiment(params.train.experiment)

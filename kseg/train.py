@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from kseg.config import Params, params_hash, save_config
 from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles
 from kseg.device import amp_dtype, resolve_device
-from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text
+from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text, check_replaceable, write_failure
 from kseg.infer import Preprocess
+from kseg.safety import redact
 from kseg.tracking import Tracker, dvc_outputs, run_pointer, tracking_uri
 from kseg.validation_loop import validate_epoch
 
@@ -336,8 +337,11 @@ def save_checkpoint(
         "history": state.history,
         "run_id": state.run_id or "",
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except RuntimeError as err:  # torch reports a failed write (disk full, ulimit -f) this way
+        raise OSError(write_failure(path, err)) from err
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -345,7 +349,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
-        raise ValueError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
+        from kseg.model.io import load_error
+
+        raise ValueError(
+            f"{path}: unreadable checkpoint ({load_error(err)}); delete it to start over"
+        ) from err
 
 
 def restore_checkpoint(
@@ -563,6 +571,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed_everything(params.seed)
+    check_replaceable(Path(cfg.out_dir))  # before training, not after it
 
     split, train_tiles, val_tiles = _load_data(params)
     preprocess = Preprocess.fit(train_tiles.images)
@@ -663,8 +672,9 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                     }
                 state.epoch = epoch + 1
                 state.history.append({"epoch": epoch + 1, **row})
-                tracker.log_metrics(row, step=epoch + 1)
+                # Checkpoint first: a tracking server dying here must not cost the epoch.
                 save_checkpoint(ckpt_path, model, opt, sched, state, best_state, scaler, device)
+                tracker.log_metrics(row, step=epoch + 1)
                 _log_epoch(state, row, cfg.epochs)
                 patience = cfg.early_stopping_patience
                 if patience and state.epoch - state.best_epoch >= patience:
@@ -817,7 +827,7 @@ def _write_outputs(
             save_postprocess(staging, post, fit_saved)
         atomic_write_text(staging / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(staging / "train_curve.csv", _curve_csv(state.history))
-    pointer = {"mlflow_run_id": state.run_id, "mlflow_tracking_uri": tracking_uri()}
+    pointer = {"mlflow_run_id": state.run_id, "mlflow_tracking_uri": redact(tracking_uri())}
     atomic_write_text(run_pointer(out), json.dumps(pointer, indent=2) + "\n")
     if writes_pipeline_metrics(params.train.out_dir):
         # Numbers a person compares across commits (`dvc metrics diff`), nested for a short

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kseg.registry import model_digest
 from tests.conftest import BIN, free_port, stop_process, wait_http
 from tests.pipeline_helpers import make_model_folder, run_stage, write_params
 
@@ -109,7 +110,9 @@ def _register(folder: Path, model: Path, aji: float) -> dict:
     """Fabricated test scores for ``model``, then ``kseg register``; returns register.json."""
     metrics = folder / "metrics"
     metrics.mkdir(exist_ok=True)
-    (metrics / "eval.json").write_text(json.dumps({"aji": aji, "pq": aji / 2, "n_tiles": 2}))
+    digest = model_digest(model)  # as `kseg evaluate` records it
+    scores = {"aji": aji, "pq": aji / 2, "n_tiles": 2, "model_sha256": digest}
+    (metrics / "eval.json").write_text(json.dumps(scores))
     run_stage("register", folder, "--model", str(model))
     return json.loads((metrics / "register.json").read_text())
 
@@ -233,7 +236,8 @@ def test_interrupted_registration_leaves_the_alias_and_a_rerun_finishes_it(
     run_id = client.create_run(client.get_experiment_by_name("kseg").experiment_id).info.run_id
     trained = shutil.copytree(models[1], tmp_path / "trained")
     (trained / "train_summary.json").write_text(json.dumps({"mlflow_run_id": run_id}))
-    (folder / "metrics" / "eval.json").write_text(json.dumps({"aji": 0.7}))
+    scores = {"aji": 0.7, "model_sha256": model_digest(trained)}
+    (folder / "metrics" / "eval.json").write_text(json.dumps(scores))
     params = load_params(folder / "params.yaml")
     monkeypatch.chdir(folder)
 

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from kseg.cli import app
 from kseg.data.synthetic import generate
+from kseg.fsutil import MARKER, MARKER_TEXT
 from tests.http_helpers import serve
 from tests.test_prepare import SMALL
 
@@ -112,11 +113,12 @@ def test_bad_archive_fails_clearly_and_leaves_data(
     monkeypatch.setenv("KSEG_CACHE", str(cache))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("previous dataset")
+    (tmp_path / "data" / MARKER).write_text(MARKER_TEXT)  # written by a previous kseg fetch
     sha = "f" * 64 if sha_of == "wrong" else _sha(tnbc_site.root / sha_of)
     res = _fetch(tmp_path, source="tnbc", url=f"{tnbc_site.url}/{archive}", sha256=sha)
     assert res.exit_code == 2
     assert message in res.output and "data/ left unchanged" in res.output
-    assert [p.name for p in (tmp_path / "data").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [MARKER, "keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # no staging
     assert not (tmp_path.parent / "evil.png").exists()
     assert not list(cache.rglob("*.part"))  # no half-written download left behind

@@ -30,8 +30,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+from kseg.safety import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +94,24 @@ def verify_sha256(path: Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected.lower():
         raise ChecksumError(
-            f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual} "
-            "(a corrupt or truncated download, or a different file; if this archive is the one "
-            f"you want, set data.sha256: {actual})"
+            f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual}. "
+            + _mismatch_advice(expected, actual)
         )
+
+
+def _mismatch_advice(expected: str, actual: str) -> str:
+    """What to do about a checksum mismatch; never 'pin the new digest' for a known archive."""
+    from kseg.data.sources import TNBC_SHA256
+
+    if expected.lower() == TNBC_SHA256:
+        return (
+            "This is not the official TNBC archive: a corrupt or truncated copy, or another "
+            "file. Download it again (delete the cached copy first); do not change data.sha256"
+        )
+    return (
+        "The file is corrupt or truncated, or it is a different file. Download it again; only if "
+        f"you have checked its origin and want exactly this file, set data.sha256: {actual}"
+    )
 
 
 def _transient(err: BaseException) -> bool:
@@ -147,7 +164,7 @@ def _fetch_once(url: str, part: Path, timeout: float) -> None:
             offset = 0  # the server ignored Range and sends everything again: start over
         length = r.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        advance, close = _progress(total, url.rsplit("/", 1)[-1] or url)
+        advance, close = _progress(total, redact(url).rsplit("/", 1)[-1] or redact(url))
         advance(offset)
         written = offset
         try:
@@ -198,13 +215,14 @@ def download(
                 part.unlink(missing_ok=True)
                 tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise DownloadError(
-                    f"download of {url} failed{tries}: {err}", transient=_transient(err)
+                    f"download of {redact(url)} failed{tries}: {redact_text(err)}",
+                    transient=_transient(err),
                 ) from err
             wait = backoff * 2**attempt
             log.warning(
                 "download of %s failed (%s); retry %d/%d in %.1f s",
-                url,
-                err,
+                redact(url),
+                redact_text(err),
                 attempt + 1,
                 retries,
                 wait,
@@ -215,9 +233,8 @@ def download(
     if sha256 is not None and actual != sha256.lower():
         part.unlink(missing_ok=True)
         raise ChecksumError(
-            f"{url}: sha256 mismatch: expected {sha256.lower()}, got {actual} (a corrupt or "
-            "truncated download, or a different file; if this archive is the one you want, "
-            f"set data.sha256: {actual})"
+            f"{redact(url)}: sha256 mismatch: expected {sha256.lower()}, got {actual}. "
+            + _mismatch_advice(sha256, actual)
         )
     os.replace(part, dest)
     return dest
@@ -253,7 +270,9 @@ def obtain_archive(
                 log.warning("cached archive %s is damaged; downloading again", cached)
                 cached.unlink()
         return download(location, cached, sha256=sha256, retries=retries, timeout=timeout)
-    log.warning("%s: no sha256 given; the download is not verified and not cached", location)
+    log.warning(
+        "%s: no sha256 given; the download is not verified and not cached", redact(location)
+    )
     tmp = cache / "unverified" / f"{hashlib.sha256(location.encode()).hexdigest()[:16]}.zip"
     return download(location, tmp, sha256=None, retries=retries, timeout=timeout)
 
@@ -277,18 +296,87 @@ def _check_entry(info: zipfile.ZipInfo, target: Path) -> Path | None:
     return dest
 
 
-def safe_extract(archive: Path, target: Path) -> int:
-    """Extracts a zip into ``target`` after checking every entry; returns the files written.
+#: Default caps of :func:`safe_extract` (``data.max_extract_bytes``, ``data.max_entry_ratio``,
+#: ``data.max_entries``). TNBC unpacks to 25 MB at a ratio of about 1 (PNGs are compressed).
+MAX_EXTRACT_BYTES = 16 * 2**30
+MAX_ENTRY_RATIO = 200.0
+MAX_ENTRIES = 200_000
+#: Entries smaller than this are exempt from the ratio cap (a blank mask compresses 1000x).
+RATIO_FLOOR = 2**20
+
+
+def check_archive_size(
+    infos: list[zipfile.ZipInfo],
+    archive: Path,
+    max_bytes: int = MAX_EXTRACT_BYTES,
+    max_ratio: float = MAX_ENTRY_RATIO,
+    max_entries: int = MAX_ENTRIES,
+) -> int:
+    """Refuses a zip bomb from its directory alone; returns the bytes it will unpack to.
 
     Raises:
-        ValueError: for an unsafe entry (nothing is written then) or a corrupt/truncated archive.
+        ValueError: too many entries, too many bytes in all, or an entry expanding more than
+            ``max_ratio`` times (each names the entry or the totals and the cap's parameter).
+    """
+    if len(infos) > max_entries:
+        raise ValueError(
+            f"{archive}: {len(infos)} entries, above data.max_entries={max_entries}; refused"
+        )
+    total = 0
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_FLOOR and ratio > max_ratio:
+            raise ValueError(
+                f"{archive}: entry {info.filename!r} expands {ratio:.0f}x "
+                f"({info.compress_size} -> {info.file_size} bytes), above "
+                f"data.max_entry_ratio={max_ratio:g}; refused as a likely zip bomb"
+            )
+        total += info.file_size
+    if total > max_bytes:
+        raise ValueError(
+            f"{archive}: unpacks to {total / 2**20:.0f} MiB, above data.max_extract_bytes="
+            f"{max_bytes} ({max_bytes / 2**20:.0f} MiB); refused"
+        )
+    return total
+
+
+def safe_extract(
+    archive: Path,
+    target: Path,
+    *,
+    max_bytes: int = MAX_EXTRACT_BYTES,
+    max_ratio: float = MAX_ENTRY_RATIO,
+    max_entries: int = MAX_ENTRIES,
+    layout: Callable[[list[str]], None] | None = None,
+) -> int:
+    """Extracts a zip into ``target`` after checking every entry; returns the files written.
+
+    Before one byte is written: every entry's path (no escape, no link), the caps on entries,
+    total size and expansion ratio (:func:`check_archive_size`), the free disk space and, when
+    given, ``layout(names)`` (raises ValueError when the archive is not the expected dataset).
+    While writing, the bytes really produced are counted against the same cap.
+
+    Raises:
+        ValueError: for an unsafe entry, a cap exceeded, a wrong layout (nothing is written
+            then) or a corrupt/truncated archive.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(archive) as zf:
-            plan = [(info, _check_entry(info, target)) for info in zf.infolist()]
-            n = 0
+            infos = zf.infolist()
+            plan = [(info, _check_entry(info, target)) for info in infos]
+            kept = [info for info, dest in plan if dest is not None]
+            total = check_archive_size(kept, Path(archive), max_bytes, max_ratio, max_entries)
+            if layout is not None:
+                layout([info.filename.replace("\\", "/") for info in kept])
+            free = shutil.disk_usage(target).free
+            if total > free:
+                raise ValueError(
+                    f"{archive}: unpacks to {total / 2**20:.0f} MiB but only "
+                    f"{free / 2**20:.0f} MiB are free under {target}"
+                )
+            n, written = 0, 0
             for info, dest in plan:
                 if dest is None:
                     continue
@@ -297,9 +385,16 @@ def safe_extract(archive: Path, target: Path) -> int:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, dest.open("wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+                    while chunk := src.read(CHUNK):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise ValueError(
+                                f"{archive}: more than data.max_extract_bytes={max_bytes} "
+                                f"unpacked (entry {info.filename!r} lies about its size)"
+                            )
+                        out.write(chunk)
                 n += 1
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error) as err:
         raise ValueError(
             f"{archive}: not a readable zip archive (truncated or corrupt?): {err}"
         ) from err

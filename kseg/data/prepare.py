@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections import Counter
 import json
 import logging
 import re
@@ -34,7 +35,8 @@ from scipy import ndimage as ndi
 from kseg.config import Params, PrepareConfig, to_dict
 from kseg.data.splits import assign_patients, split_tiles
 from kseg.data.targets import distance_target
-from kseg.fsutil import atomic_dir, atomic_write_text
+from kseg.fsutil import atomic_dir, atomic_write_text, write_failure
+from kseg.safety import check_tile_id, member_path
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +77,17 @@ def discover(data_dir: Path) -> list[RawTile]:
     data_dir = Path(data_dir)
     index = data_dir / "index.csv"
     if index.is_file():
-        with index.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        tiles = [
-            RawTile(r["tile_id"], r["patient"], data_dir / r["image"], data_dir / r["mask"])
-            for r in rows
-        ]
+        tiles = _tiles_from_index(data_dir, index)
     elif (data_dir / TNBC_ROOT).is_dir():
         root = data_dir / TNBC_ROOT
         tiles = []
         for slide in sorted(root.glob("Slide_*"), key=lambda p: _natural(p.name)):
             patient = slide.name.removeprefix("Slide_")
             for img in sorted(slide.glob("*.png"), key=lambda p: _natural(p.name)):
+                where = f"{img.relative_to(data_dir)}"
+                check_tile_id(img.stem, where)
+                for path in (img, root / f"GT_{patient}" / img.name):
+                    member_path(data_dir, path.relative_to(data_dir).as_posix(), where)
                 tiles.append(RawTile(img.stem, patient, img, root / f"GT_{patient}" / img.name))
     else:
         raise ValueError(
@@ -97,6 +98,30 @@ def discover(data_dir: Path) -> list[RawTile]:
         raise ValueError(f"{data_dir}: {len(missing)} listed file(s) missing, e.g. {missing[:3]}")
     if not tiles:
         raise ValueError(f"{data_dir}: no tiles")
+    return tiles
+
+
+def _tiles_from_index(data_dir: Path, index: Path) -> list[RawTile]:
+    """Rows of ``index.csv``; ids must be safe file names and paths stay inside ``data_dir``."""
+    try:
+        with index.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{index}: not a UTF-8 CSV file ({err})") from err
+    tiles = []
+    for i, row in enumerate(rows, start=2):
+        where = f"{index} line {i}"
+        missing = [c for c in ("tile_id", "patient", "image", "mask") if not row.get(c)]
+        if missing:
+            raise ValueError(f"{where}: empty or missing column(s) {missing}")
+        tile_id = check_tile_id(row["tile_id"], where)
+        image = member_path(data_dir, row["image"], f"{where}, column image")
+        mask = member_path(data_dir, row["mask"], f"{where}, column mask")
+        tiles.append(RawTile(tile_id, row["patient"], image, mask))
+    counts = Counter(t.tile_id for t in tiles)
+    dups = sorted(t for t, n in counts.items() if n > 1)
+    if dups:
+        raise ValueError(f"{index}: duplicate tile ids {dups[:5]}")
     return tiles
 
 
@@ -221,17 +246,23 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 def prepare_tile(tile: RawTile, data_dir: Path, cfg: PrepareConfig, out: Path) -> dict[str, object]:
     """Converts one tile into ``out`` (images/, labels/, dist/) and returns its manifest row."""
-    with Image.open(tile.image) as img:
-        mode = img.mode
-        rgb = to_rgb(img)
-    with Image.open(tile.mask) as m:
-        try:
+    try:
+        with Image.open(tile.image) as img:
+            mode = img.mode
+            rgb = to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{tile.image}: cannot read the image of tile {tile.tile_id} ({err})") from err
+    try:
+        with Image.open(tile.mask) as m:
             labels, kind = to_labels(np.asarray(m))
-        except ValueError as err:
-            raise ValueError(f"{tile.mask}: {err}") from err
-    _save_png(rgb, out / "images" / f"{tile.tile_id}.png")
-    _save_png(labels, out / "labels" / f"{tile.tile_id}.png")
-    np.save(out / "dist" / f"{tile.tile_id}.npy", distance_target(labels).astype(np.float32))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{tile.mask}: cannot read the mask of tile {tile.tile_id} ({err})") from err
+    try:
+        _save_png(rgb, out / "images" / f"{tile.tile_id}.png")
+        _save_png(labels, out / "labels" / f"{tile.tile_id}.png")
+        np.save(out / "dist" / f"{tile.tile_id}.npy", distance_target(labels).astype(np.float32))
+    except OSError as err:
+        raise OSError(write_failure(out, err)) from err
     return {
         "tile_id": tile.tile_id,
         "patient": tile.patient,

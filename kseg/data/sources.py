@@ -19,11 +19,13 @@ import csv
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kseg.config import DataConfig
 from kseg.data.download import is_remote, local_path, obtain_archive, safe_extract
+from kseg.safety import check_tile_id, member_path
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,33 @@ def fetch_source(cfg: DataConfig, staging: Path) -> None:
         raise ValueError(f"data.source: {cfg.source!r} is not a downloadable source")
 
 
-def materialize(location: str, sha256: str | None, cfg: DataConfig, into: Path) -> None:
-    """Puts the content of an archive (URL, file:// or path) or of a local folder into ``into``."""
+def materialize(
+    location: str,
+    sha256: str | None,
+    cfg: DataConfig,
+    into: Path,
+    layout: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Puts the content of an archive (URL, file:// or path) or of a local folder into ``into``.
+
+    ``layout(names)`` checks an archive's entry names before anything is extracted.
+    """
     if not is_remote(location) and local_path(location).is_dir():
         src = local_path(location)
         log.info("%s is a folder: copying it (there is no archive checksum to check)", src)
         if cfg.sha256:
             log.warning("data.sha256 is ignored for a folder (%s)", src)
-        shutil.copytree(src, into, ignore=_ignore_metadata, dirs_exist_ok=True)
+        shutil.copytree(src, into, symlinks=True, ignore=_ignore_metadata, dirs_exist_ok=True)
         return
     archive = obtain_archive(location, sha256, retries=cfg.retries, timeout=cfg.timeout_s)
-    n = safe_extract(archive, into)
+    n = safe_extract(
+        archive,
+        into,
+        max_bytes=cfg.max_extract_bytes,
+        max_ratio=cfg.max_entry_ratio,
+        max_entries=cfg.max_entries,
+        layout=layout,
+    )
     log.info("extracted %d files from %s", n, archive)
 
 
@@ -95,6 +113,37 @@ def _ignore_metadata(_folder: str, names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # TNBC
 # --------------------------------------------------------------------------------------------------
+
+
+def _folders(names: list[str]) -> set[str]:
+    """Folder names at the top two levels of an archive's entry names."""
+    out: set[str] = set()
+    for name in names:
+        parts = name.split("/")
+        out.update(parts[: min(len(parts) - 1, 2)])
+    return out
+
+
+def _tnbc_names(names: list[str]) -> None:
+    """Archive layout check of TNBC, before extraction (Slide_XX/ and GT_XX/ folders)."""
+    folders = _folders(names)
+    if not any(f.startswith("Slide_") for f in folders) or not any(
+        f.startswith("GT_") for f in folders
+    ):
+        raise ValueError(
+            f"not the TNBC layout: no Slide_XX/ and GT_XX/ folders in the archive (found "
+            f"{sorted(folders)[:10]}); nothing was extracted"
+        )
+
+
+def _paired_names(names: list[str]) -> None:
+    """Archive layout check of kidney/folder, before extraction (images/ and masks/)."""
+    folders = _folders(names)
+    if not folders & set(IMAGE_DIRS) or not folders & set(MASK_DIRS):
+        raise ValueError(
+            "expected an images/ and a masks/ folder (or data/ and gts/) in the archive, found "
+            f"{sorted(folders)[:10]}; nothing was extracted"
+        )
 
 
 def _find_tnbc_root(raw: Path) -> Path:
@@ -119,9 +168,12 @@ def check_tnbc(root: Path) -> tuple[int, int]:
     for slide in slides:
         gt = root / ("GT_" + slide.name.removeprefix("Slide_"))
         for img in sorted(slide.glob("*.png")):
+            member_path(root, img.relative_to(root).as_posix(), "TNBC dataset file")
             n_tiles += 1
             if not (gt / img.name).is_file():
                 missing.append(f"{gt.name}/{img.name}")
+            else:
+                member_path(root, f"{gt.name}/{img.name}", "TNBC dataset file")
     if missing:
         raise ValueError(
             f"TNBC layout: ground truth missing for {len(missing)} tile(s): {missing[:5]}"
@@ -136,7 +188,7 @@ def _fetch_tnbc(cfg: DataConfig, staging: Path) -> None:
     # A mirror of the official archive has the official checksum, so it stays the default.
     sha = cfg.sha256 or TNBC_SHA256
     raw = staging / ".raw"
-    materialize(location, sha, cfg, raw)
+    materialize(location, sha, cfg, raw, layout=_tnbc_names)
     root = _find_tnbc_root(raw)
     root.rename(staging / TNBC_ROOT)
     shutil.rmtree(raw, ignore_errors=True)
@@ -216,10 +268,13 @@ def discover_pairs(raw: Path) -> list[Pair]:
     pairs, missing, lonely = [], [], 0
     for img in images:
         rel = img.relative_to(image_dir)
+        # A link out of the dataset would copy any readable file into data/.
+        member_path(raw, img.relative_to(raw).as_posix(), "dataset file")
         mask = _find_mask(mask_dir, rel)
         if mask is None:
             missing.append(str(rel))
             continue
+        member_path(raw, mask.relative_to(raw).as_posix(), "dataset file")
         patient = patient_of(rel)
         if patient is None:
             lonely += 1
@@ -237,22 +292,30 @@ def discover_pairs(raw: Path) -> list[Pair]:
 
 
 def _pairs_from_index(root: Path, index: Path) -> list[Pair]:
-    with index.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    """Pairs listed by ``index.csv``; every name must stay inside the dataset folder."""
+    try:
+        with index.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"index.csv of the dataset: not a UTF-8 CSV file ({err})") from err
     if not rows or not {"image", "mask"} <= set(rows[0]):
-        raise ValueError(f"{index}: expected columns image, mask (and optionally tile_id, patient)")
+        raise ValueError("index.csv of the dataset: expected columns image, mask (and optionally "
+                         "tile_id, patient)")  # fmt: skip
     pairs = []
     for i, row in enumerate(rows, start=2):
-        image, mask = root / row["image"], root / row["mask"]
-        for path in (image, mask):
+        where = f"index.csv line {i}"
+        files = []
+        for col in ("image", "mask"):
+            path = member_path(root, row.get(col) or "", f"{where}, column {col}")
             if not path.is_file():
-                raise ValueError(f"{index} line {i}: file {path} not found")
+                raise ValueError(f"{where}: {col} {row[col]!r} not found in the dataset")
+            files.append(path)
         parts = Path(row["image"]).parts
         rel = Path(*parts[1:]) if len(parts) > 1 else Path(row["image"])  # drop "images/"
-        tile_id = row.get("tile_id") or _tile_id(rel)
+        tile_id = check_tile_id(row.get("tile_id") or _tile_id(rel), where)
         patient = row.get("patient") or patient_of(rel) or rel.stem
-        pairs.append(Pair(tile_id, patient, image, mask))
-    _check_unique([p.tile_id for p in pairs], index)
+        pairs.append(Pair(tile_id, patient, files[0], files[1]))
+    _check_unique([p.tile_id for p in pairs], Path("index.csv"))
     return pairs
 
 
@@ -269,6 +332,7 @@ def write_paired(pairs: list[Pair], out: Path) -> None:
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
     for p in pairs:
+        check_tile_id(p.tile_id, f"tile {p.tile_id!r} of {p.image.name}")
         image = f"images/{p.tile_id}{p.image.suffix.lower()}"
         mask = f"masks/{p.tile_id}{p.mask.suffix.lower()}"
         shutil.copyfile(p.image, out / image)
@@ -290,7 +354,7 @@ def _fetch_paired(cfg: DataConfig, staging: Path) -> None:
             "(matching names; binary or instance masks); see docs/data.md"
         )
     raw = staging / ".raw"
-    materialize(location, cfg.sha256, cfg, raw)
+    materialize(location, cfg.sha256, cfg, raw, layout=_paired_names)
     pairs = discover_pairs(raw)
     write_paired(pairs, staging)
     shutil.rmtree(raw, ignore_errors=True)

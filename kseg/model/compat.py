@@ -100,7 +100,11 @@ def load_original_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
+        from kseg.model.io import load_error
+
+        raise ValueError(
+            f"{path}: cannot be read as a torch checkpoint ({load_error(err)})"
+        ) from err
     sd = _extract_state_dict(obj, path)
     cfg = infer_original_config(sd, dice_impl)
     model = KidneySegNet(cfg)

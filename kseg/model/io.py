@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,6 +34,11 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
     if unknown:
         raise ValueError(f"{source}: unknown model config keys {unknown}; known: {sorted(names)}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in kw.items():
+        allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else ()
+        if allowed and value not in allowed:
+            raise ValueError(f"{source}: model.{key}={value!r}: expected one of {list(allowed)}")
     try:
         cfg = ModelConfig(**kw)
         cfg.validate()
@@ -79,6 +85,22 @@ def read_model_config(folder: str | Path) -> tuple[ModelConfig, dict]:
     return config_from_dict(doc["model"], str(path)), doc.get("extra", {})
 
 
+def load_error(err: BaseException) -> str:
+    """torch.load's error without its advice to pass ``weights_only=False``.
+
+    That advice would run code from the file; kseg never follows it, so it must not repeat it.
+    """
+    text = str(err)
+    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        lines = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+        first = lines[0].split(" was not an allowed global")[0] if lines else ""
+        return (
+            "the file holds pickled Python objects, not plain tensors; kseg loads weights only "
+            "and refuses to run code from a model file" + (f": {first}" if first else "")
+        )
+    return text
+
+
 def load_model_folder(
     folder: str | Path, dice_impl: str | None = None
 ) -> tuple[torch.nn.Module, ModelConfig]:
@@ -106,7 +128,9 @@ def load_model_folder(
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path}: cannot be read as a torch state dict ({err})") from err
+        raise ValueError(
+            f"{path}: cannot be read as a torch state dict ({load_error(err)})"
+        ) from err
     model = build_model(cfg)
     try:
         model.load_state_dict(sd, strict=True)
