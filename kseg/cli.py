@@ -320,8 +320,19 @@ def predict(
     dtype: Annotated[
         str, typer.Option(help="float32, or float16 / bfloat16 (autocast, GPU).")
     ] = "float32",
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="Whole slides: level-0 µm per pixel, overriding (or supplying) the slide's.",
+        ),
+    ] = None,
 ) -> None:
-    """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON."""
+    """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON.
+
+    Whole slides (SVS, NDPI, pyramidal or OME-TIFF) are read at the model's pixel size, glass is
+    skipped, blocks are streamed and resumed after an interruption (docs/wsi.md).
+    """
     _setup_logging()
     from kseg.predict import predict as run_predict
 
@@ -334,6 +345,7 @@ def predict(
             progress=sys.stderr.isatty(),
             batch_size=batch_size,
             dtype=dtype,
+            mpp=mpp,
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

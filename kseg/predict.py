@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kseg.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
+from kseg.slide import SLIDE_SUFFIXES, is_slide, output_names
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def iter_inputs(paths: Iterable[Path], report: PredictReport) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
             for child in sorted(path.iterdir()):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES | SLIDE_SUFFIXES:
                     yield child
                 elif child.is_file():
                     report.skipped.append(child)
@@ -302,26 +303,40 @@ def predict(
     progress: bool = True,
     batch_size: int = 4,
     dtype: str | None = None,
+    mpp: float | None = None,
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
     ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``batch_size`` windows per forward
     pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32).
+    Whole slides (SVS, pyramidal TIFF, ... see :func:`kseg.slide.is_slide`) are segmented block
+    by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one.
+    Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
     """
     from kseg.segmenter import Segmenter
+    from kseg.slide import segment_slides
 
-    segmenter = Segmenter.from_folder(resolve_model(model), device, batch_size, dtype)
+    folder = resolve_model(model)
+    segmenter = Segmenter.from_folder(folder, device, batch_size, dtype)
     report = PredictReport()
     files = list(iter_inputs(inputs, report))
-    for path in _progress(files, progress):
+    names = output_names(files)
+    slides = [p for p in files if is_slide(p)]
+    for path in _progress([p for p in files if p not in slides], progress):
         try:
             rgb = read_image(path)
             labels, _ = segmenter.segment(rgb)
-            report.written += write_outputs(out_dir, path.stem, rgb, labels)
+            report.written += write_outputs(out_dir, names[path], rgb, labels)
         except (ValueError, OSError) as err:
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
             report.failed[str(path)] = msg
             log.error("%s", msg)
+    if slides:
+        results, failed = segment_slides(
+            slides, segmenter, out_dir, model_folder=folder, mpp=mpp, progress=progress
+        )
+        report.written += [p for r in results for p in r.written]
+        report.failed.update(failed)
     return report
 
 

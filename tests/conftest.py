@@ -43,6 +43,18 @@ def shared_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def harness():
+    """One temporary Prefect API (SQLite) for every in-process flow run of the session.
+
+    Shared by tests/test_flows.py and tests/test_slide_flow.py so that it starts once (~10 s).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     """Path of ../shared; skips the test when it is not there."""
     path = shared_dir()
