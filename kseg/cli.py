@@ -327,6 +327,12 @@ def predict(
             help="Whole slides: level-0 µm per pixel, overriding (or supplying) the slide's.",
         ),
     ] = None,
+    block: Annotated[
+        int, typer.Option(min=64, help="Whole slides: block edge in pixels at the model's mpp.")
+    ] = 2048,
+    margin: Annotated[
+        int, typer.Option(min=0, help="Whole slides: context read around each block, pixels.")
+    ] = 128,
 ) -> None:
     """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON.
 
@@ -346,6 +352,7 @@ def predict(
             batch_size=batch_size,
             dtype=dtype,
             mpp=mpp,
+            slide_options={"block": block, "margin": margin},
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

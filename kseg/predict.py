@@ -304,13 +304,15 @@ def predict(
     batch_size: int = 4,
     dtype: str | None = None,
     mpp: float | None = None,
+    slide_options: dict | None = None,
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
     ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``batch_size`` windows per forward
     pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32).
     Whole slides (SVS, pyramidal TIFF, ... see :func:`kseg.slide.is_slide`) are segmented block
-    by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one.
+    by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one,
+    ``slide_options`` more keywords of :func:`kseg.slide.segment_slide` (``block``, ``margin``).
     Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
     """
     from kseg.segmenter import Segmenter
@@ -333,7 +335,13 @@ def predict(
             log.error("%s", msg)
     if slides:
         results, failed = segment_slides(
-            slides, segmenter, out_dir, model_folder=folder, mpp=mpp, progress=progress
+            slides,
+            segmenter,
+            out_dir,
+            model_folder=folder,
+            mpp=mpp,
+            progress=progress,
+            **(slide_options or {}),
         )
         report.written += [p for r in results for p in r.written]
         report.failed.update(failed)

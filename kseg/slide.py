@@ -125,7 +125,14 @@ def open_slide(path: Path) -> Any:
             f"{path}: reading whole slides needs tiffslide (pip install 'kseg[wsi]')"
         ) from err
     try:
-        return tiffslide.TiffSlide(path)
+        slide = tiffslide.TiffSlide(path)
+        # tiffslide opens lazily: touch the pyramid and decode one pixel so that a corrupt file
+        # fails here, with its name, rather than in the middle of a block
+        w, h = slide.dimensions
+        if w < 1 or h < 1 or not slide.level_downsamples:
+            raise ValueError(f"empty image ({w} x {h})")
+        slide.read_region((0, 0), slide.level_count - 1, (1, 1), as_array=True)
+        return slide
     except Exception as err:
         raise SlideError(f"{path}: cannot open as a slide ({type(err).__name__}: {err})") from err
 

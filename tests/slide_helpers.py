@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,10 @@ def tnbc_pairs(tnbc_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def mosaic(
-    pairs: list[tuple[np.ndarray, np.ndarray]], rows: int, cols: int, glass: tuple[int, int] = ()
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+    rows: int,
+    cols: int,
+    glass: Collection[tuple[int, int]] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """``rows x cols`` TNBC tiles side by side (cycled, flipped on reuse) and their masks.
 
@@ -95,7 +99,7 @@ def write_pyramid(
 
 
 def fast_model(folder: Path, tiles: list[np.ndarray]) -> Path:
-    """A small U-Net (nfeat 4, random weights of a fixed seed) as a complete kseg model folder.
+    """A small U-Net (nfeat 2, random weights of a fixed seed) as a complete kseg model folder.
 
     Its maps are a deterministic function of the real pixels, which is all the seam and memory
     tests need (block-wise and whole-image inference of the same model must agree); it runs
@@ -111,7 +115,7 @@ def fast_model(folder: Path, tiles: list[np.ndarray]) -> Path:
     from kseg.model.io import save_model_folder
 
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="unet", nfeat=4, tile_size=256, head="fg_dist")
+    cfg = ModelConfig(arch="unet", nfeat=2, tile_size=256, head="fg_dist")
     model = build_model(cfg).eval()
     pre = Preprocess(mean=(170.0, 130.0, 170.0), std=(50.0, 50.0, 40.0))
     seen = {}
