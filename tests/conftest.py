@@ -50,7 +50,9 @@ def harness():
     """
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # KSEG_PREFECT_STARTUP_TIMEOUT: more seconds on a machine shared with a training run
+    timeout = int(os.environ.get("KSEG_PREFECT_STARTUP_TIMEOUT", "120"))
+    with prefect_test_harness(server_startup_timeout=timeout):
         yield
 
 

@@ -292,3 +292,18 @@ def test_same_file_names_in_different_folders_get_distinct_outputs(tmp_path: Pat
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "s2_slide.json").write_text(json.dumps({"source": "/elsewhere/s2.tif"}))
     assert S.claim_name(tmp_path / "out", c, "s2") != "s2"
+
+
+def test_predict_never_overwrites_same_named_images(model_dir: Path, tmp_path: Path) -> None:
+    from kseg.predict import predict
+
+    for folder, value in (("a", 60), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "x.png"), np.full((64, 64, 3), value, np.uint8))
+    out = tmp_path / "out"
+    report = predict(
+        [tmp_path / "a", tmp_path / "b" / "x.png"], str(model_dir), out, progress=False
+    )
+    labels = sorted(p.name for p in report.written if p.name.endswith("_labels.tif"))
+    assert len(labels) == 2 and labels[0] != labels[1] and not report.failed
+    assert sorted(p.name for p in out.glob("*_labels.tif")) == labels
