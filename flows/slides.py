@@ -136,12 +136,19 @@ def _task_runner(dask_address: str | None, n_workers: int, processes: bool) -> A
 
 @flow(name="segment-slides-on-dask")
 def _run_on_dask(jobs: list[dict[str, Any]], common: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Submits one task per slide to the flow's Dask task runner; waits for all of them."""
+    """Submits one task per slide to the flow's Dask task runner; waits for all of them.
+
+    Returns ``(slide, summary dict)`` per finished slide and ``(slide, error message)`` per failed.
+    """
     futures = [(job["slide"], segment_slide_task.submit(**job, **common)) for job in jobs]
     out = []
     for slide, fut in futures:
         fut.wait()
-        out.append((slide, fut.result(raise_on_failure=False)))
+        res = fut.result(raise_on_failure=False)
+        # a failure travels as its message: the flow's return value stays plain data
+        out.append(
+            (slide, f"{type(res).__name__}: {res}" if isinstance(res, BaseException) else res)
+        )
     return out
 
 
@@ -213,8 +220,8 @@ def segment_slides(
     if jobs:
         runner = _task_runner(dask_address, n_workers, processes)
         for slide, res in _run_on_dask.with_options(task_runner=runner)(jobs, common):
-            if isinstance(res, BaseException):
-                failed[slide] = str(res) if slide in str(res) else f"{slide}: {res}"
+            if isinstance(res, str):
+                failed[slide] = res if slide in res else f"{slide}: {res}"
                 logger.error("failed: %s", failed[slide])
             else:
                 done.append(res)
