@@ -51,7 +51,7 @@ def harness():
     from prefect.testing.utilities import prefect_test_harness
 
     # KSEG_PREFECT_STARTUP_TIMEOUT: more seconds on a machine shared with a training run
-    timeout = int(os.environ.get("KSEG_PREFECT_STARTUP_TIMEOUT", "120"))
+    timeout = int(os.environ.get("KSEG_PREFECT_STARTUP_TIMEOUT", "300"))
     with prefect_test_harness(server_startup_timeout=timeout):
         yield
 
