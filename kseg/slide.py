@@ -416,7 +416,14 @@ def segment_block(slide: Any, geom: SlideGeometry, blk: Block, segmenter: Segmen
     nuclei = []
     for feat in geojson_features(kept):
         lab_id = int(feat["properties"]["kseg_id"])
-        ring = np.asarray(feat["geometry"]["coordinates"][0]) + offset
+        geometry = feat["geometry"]
+        polygons = (
+            geometry["coordinates"]
+            if geometry["type"] == "MultiPolygon"
+            else [geometry["coordinates"]]
+        )
+        # the exterior ring (of the largest part for a nucleus in parts touching at a corner)
+        ring = np.asarray(max((p[0] for p in polygons), key=len), np.float64) + offset
         r = rows[lab_id]
         x, y = r["centroid_x"] + rx0, r["centroid_y"] + ry0
         dists = [abs((x, y)[i % 2] - e) for i, (e, inner) in enumerate(edges) if inner]
@@ -678,14 +685,14 @@ _MEASURES = ("x", "y", "area", "perimeter", "eccentricity", "mean_hematoxylin", 
 def _save_part(parts: Path, part: dict) -> Path:
     """One block's nuclei as arrays (``.npz``: rings concatenated with offsets), atomically."""
     nuclei = part["nuclei"]
-    rings = [np.asarray(n["ring"], np.int32).reshape(-1, 2) for n in nuclei]
+    rings = [np.asarray(n["ring"], np.float32).reshape(-1, 2) for n in nuclei]
     offsets = np.cumsum([0] + [len(r) for r in rings])
     path = parts / f"{part['key']}.npz"
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
             core=np.asarray(part["core"], np.int64),
-            coords=np.concatenate(rings) if rings else np.zeros((0, 2), np.int32),
+            coords=np.concatenate(rings) if rings else np.zeros((0, 2), np.float32),
             offsets=offsets,
             measures=np.array([[n[k] for k in _MEASURES] for n in nuclei], np.float64).reshape(
                 -1, len(_MEASURES)
