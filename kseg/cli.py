@@ -335,8 +335,25 @@ def predict(
         int | None,
         typer.Option(min=1, help="Refuse larger images (default: KSEG_MAX_PIXELS or 100,000,000)."),
     ] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="Whole slides: level-0 µm per pixel, overriding (or supplying) the slide's.",
+        ),
+    ] = None,
+    block: Annotated[
+        int, typer.Option(min=64, help="Whole slides: block edge in pixels at the model's mpp.")
+    ] = 2048,
+    margin: Annotated[
+        int, typer.Option(min=0, help="Whole slides: context read around each block, pixels.")
+    ] = 128,
 ) -> None:
-    """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON."""
+    """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON.
+
+    Whole slides (SVS, NDPI, pyramidal or OME-TIFF) are read at the model's pixel size, glass is
+    skipped, blocks are streamed and resumed after an interruption (docs/wsi.md).
+    """
     _setup_logging()
     from kseg.predict import predict as run_predict
 
@@ -350,6 +367,8 @@ def predict(
             batch_size=batch_size,
             dtype=dtype,
             max_pixels=max_pixels,
+            mpp=mpp,
+            slide_options={"block": block, "margin": margin},
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

@@ -37,6 +37,7 @@ from kseg.safety import (
     redact,
     redact_text,
 )
+from kseg.slide import SLIDE_SUFFIXES, is_slide, output_names
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def iter_inputs(paths: Iterable[Path], report: PredictReport) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
             for child in sorted(path.iterdir()):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES | SLIDE_SUFFIXES:
                     yield child
                 elif child.is_file():
                     report.skipped.append(child)
@@ -344,6 +345,8 @@ def predict(
     batch_size: int = 4,
     dtype: str | None = None,
     max_pixels: int | None = None,
+    mpp: float | None = None,
+    slide_options: dict | None = None,
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
@@ -351,24 +354,44 @@ def predict(
     pass; ``dtype`` ``float16``/``bfloat16`` runs the network under autocast (default float32);
     ``max_pixels`` refuses larger images (default ``KSEG_MAX_PIXELS`` or
     :data:`kseg.safety.PREDICT_MAX_PIXELS`). A failed image does not stop the others.
+    Whole slides (SVS, pyramidal TIFF, ... see :func:`kseg.slide.is_slide`) are segmented block
+    by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one,
+    ``slide_options`` more keywords of :func:`kseg.slide.segment_slide` (``block``, ``margin``).
+    Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
     """
     limit = max_pixels or max_pixels_from_env(PREDICT_MAX_PIXELS)
     from kseg.segmenter import Segmenter
+    from kseg.slide import segment_slides
 
-    segmenter = Segmenter.from_folder(resolve_model(model), device, batch_size, dtype)
+    folder = resolve_model(model)
+    segmenter = Segmenter.from_folder(folder, device, batch_size, dtype)
     report = PredictReport()
     files = list(iter_inputs(inputs, report))
-    for path in _progress(files, progress):
+    names = output_names(files)
+    slides = [p for p in files if is_slide(p)]
+    for path in _progress([p for p in files if p not in slides], progress):
         try:
             rgb = read_image(path, limit)
             labels, _ = segmenter.segment(rgb)
-            report.written += write_outputs(out_dir, path.stem, rgb, labels)
+            report.written += write_outputs(out_dir, names[path], rgb, labels)
         except (ValueError, OSError, MemoryError) as err:
             if isinstance(err, MemoryError):
                 err = MemoryError(f"out of memory ({err or 'no detail'}); lower --max-pixels")
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
             report.failed[str(path)] = msg
             log.error("%s", msg)
+    if slides:
+        results, failed = segment_slides(
+            slides,
+            segmenter,
+            out_dir,
+            model_folder=folder,
+            mpp=mpp,
+            progress=progress,
+            **(slide_options or {}),
+        )
+        report.written += [p for r in results for p in r.written]
+        report.failed.update(failed)
     return report
 
 

@@ -43,6 +43,20 @@ def shared_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def harness():
+    """One temporary Prefect API (SQLite) for every in-process flow run of the session.
+
+    Shared by tests/test_flows.py and tests/test_slide_flow.py so that it starts once (~10 s).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    # KSEG_PREFECT_STARTUP_TIMEOUT: more seconds on a machine shared with a training run
+    timeout = int(os.environ.get("KSEG_PREFECT_STARTUP_TIMEOUT", "300"))
+    with prefect_test_harness(server_startup_timeout=timeout):
+        yield
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     """Path of ../shared; skips the test when it is not there."""
     path = shared_dir()

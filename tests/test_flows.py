@@ -30,16 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
-def harness():
-    """One temporary Prefect API (SQLite) for every in-process flow run of this module."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    # A loaded 2-core machine can take minutes to start the server (migrations).
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
-
-
 def make_project(folder: Path, overrides: dict | None = None, deploy: bool = False) -> Path:
     """A git + DVC repository holding the pipeline files, kseg's sources and tiny params."""
     folder.mkdir(parents=True)
