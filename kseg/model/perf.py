@@ -51,13 +51,7 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
     Returns:
         True if the setting was applied (glibc found), False otherwise (a no-op elsewhere).
     """
-    global _done
-    if _done == "reuse":
-        return True
-    ok = _mallopt(mmap_threshold, trim_threshold)
-    _done = "reuse" if ok else _done
-    log.debug("glibc mallopt (reuse freed memory) applied: %s", ok)
-    return ok
+    return _set_mode("reuse", mmap_threshold, trim_threshold)
 
 
 def cap_cpu_heap(mmap_threshold: int = 1 << 20) -> bool:
@@ -70,10 +64,15 @@ def cap_cpu_heap(mmap_threshold: int = 1 << 20) -> bool:
     Returns:
         True if the setting was applied (glibc found), False otherwise (a no-op elsewhere).
     """
+    return _set_mode("cap", mmap_threshold, mmap_threshold)
+
+
+def _set_mode(mode: str, mmap_threshold: int, trim_threshold: int) -> bool:
+    """Applies one allocator mode unless it is the current one; True if applied."""
     global _done
-    if _done == "cap":
+    if _done == mode:
         return True
-    ok = _mallopt(mmap_threshold, mmap_threshold)
-    _done = "cap" if ok else _done
-    log.debug("glibc mallopt (cap the heap) applied: %s", ok)
+    ok = _mallopt(mmap_threshold, trim_threshold)
+    _done = mode if ok else _done
+    log.debug("glibc mallopt (%s) applied: %s", mode, ok)
     return ok
