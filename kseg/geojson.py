@@ -173,6 +173,29 @@ def mask_polygons(mask: NDArray[np.bool_]) -> list[list[Ring]]:
     return shells
 
 
+def ring_mask(ring: Ring | NDArray, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """The pixels of ``shape`` whose centres lie inside ``ring`` (pixel-corner coordinates).
+
+    The inverse of :func:`mask_polygons` for one ring: ``ring_mask(exterior)`` minus the
+    ``ring_mask`` of its holes gives back the mask exactly. Rasterizers that fill the pixels a
+    vertex touches (OpenCV's ``fillPoly``) grow such a ring by one pixel to the right and below.
+
+    Args:
+        ring: Closed ring of ``(x, y)`` corner coordinates (floats allowed).
+        shape: ``(height, width)`` of the output; parts of the ring outside it are clipped.
+    """
+    from skimage.draw import polygon
+
+    pts = np.asarray(ring, dtype=np.float64)
+    out = np.zeros(shape, dtype=bool)
+    if len(pts) < 3:
+        return out
+    # pixel (r, c) has its centre at (c + 0.5, r + 0.5): shift the ring, test integer centres
+    rr, cc = polygon(pts[:, 1] - 0.5, pts[:, 0] - 0.5, shape=shape)
+    out[rr, cc] = True
+    return out
+
+
 def label_geometry(
     labels: NDArray[np.integer], label: int, offset: tuple[int, int] = (0, 0)
 ) -> dict[str, Any] | None:

@@ -51,6 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kseg.fsutil import atomic_path, atomic_write_text
+from kseg.geojson import mask_polygons, ring_mask, signed_area
 
 if TYPE_CHECKING:
     from kseg.segmenter import Segmenter
@@ -68,7 +69,7 @@ TISSUE_MPP = 8.0
 #: Pixel size of the overlay picture, µm (coarser when the slide is large, see ``overlay_max``).
 OVERLAY_MPP = 2.0
 #: Version of the per-block part files; parts of another version are recomputed.
-PARTS_VERSION = 1
+PARTS_VERSION = 2  # 2: whole pixel-exact geometry (every part, holes), not one ring
 CSV_FIELDS = (
     "id",
     "x_px",
@@ -386,7 +387,8 @@ def segment_block(slide: Any, geom: SlideGeometry, blk: Block, segmenter: Segmen
     """Segments one block; keeps the nuclei whose centroid lies in its core.
 
     Returns:
-        ``{"key", "nuclei": [{"ring": [[x, y], ...] (working px, closed), "row": measurements,
+        ``{"key", "nuclei": [{"polygons": [[exterior, hole, ...], ...] (closed rings of
+        working-grid pixel corners, as :func:`kseg.geojson.mask_polygons`), measurements...,
         "context": px from the centroid to the nearest region edge that is not the slide edge}]}``
     """
     from kseg.predict import geojson_features, nucleus_table
@@ -422,14 +424,14 @@ def segment_block(slide: Any, geom: SlideGeometry, blk: Block, segmenter: Segmen
             if geometry["type"] == "MultiPolygon"
             else [geometry["coordinates"]]
         )
-        # the exterior ring (of the largest part for a nucleus in parts touching at a corner)
-        ring = np.asarray(max((p[0] for p in polygons), key=len), np.float64) + offset
+        # every part and hole: a nucleus in parts that touch at a corner is a MultiPolygon
+        polys = [[np.asarray(ring, np.float64) + offset for ring in poly] for poly in polygons]
         r = rows[lab_id]
         x, y = r["centroid_x"] + rx0, r["centroid_y"] + ry0
         dists = [abs((x, y)[i % 2] - e) for i, (e, inner) in enumerate(edges) if inner]
         nuclei.append(
             {
-                "ring": ring,
+                "polygons": polys,
                 "x": x,
                 "y": y,
                 "area": r["area"],
@@ -683,17 +685,31 @@ _MEASURES = ("x", "y", "area", "perimeter", "eccentricity", "mean_hematoxylin", 
 
 
 def _save_part(parts: Path, part: dict) -> Path:
-    """One block's nuclei as arrays (``.npz``: rings concatenated with offsets), atomically."""
+    """One block's nuclei as arrays (``.npz``: rings concatenated with offsets), atomically.
+
+    ``ring_offsets`` cut ``coords`` into rings, ``ring_polygon`` numbers each ring's polygon
+    within its nucleus (0, 0, 1, ...: an exterior, its hole, the next part) and
+    ``nucleus_offsets`` cut the rings into nuclei.
+    """
     nuclei = part["nuclei"]
-    rings = [np.asarray(n["ring"], np.float32).reshape(-1, 2) for n in nuclei]
-    offsets = np.cumsum([0] + [len(r) for r in rings])
+    rings, ring_polygon, per_nucleus = [], [], []
+    for nuc in nuclei:
+        count = 0
+        for k, poly in enumerate(nuc["polygons"]):
+            for ring in poly:
+                rings.append(np.asarray(ring, np.float32).reshape(-1, 2))
+                ring_polygon.append(k)
+                count += 1
+        per_nucleus.append(count)
     path = parts / f"{part['key']}.npz"
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
             core=np.asarray(part["core"], np.int64),
             coords=np.concatenate(rings) if rings else np.zeros((0, 2), np.float32),
-            offsets=offsets,
+            ring_offsets=np.cumsum([0] + [len(r) for r in rings]),
+            ring_polygon=np.asarray(ring_polygon, np.int64),
+            nucleus_offsets=np.cumsum([0, *per_nucleus]),
             measures=np.array([[n[k] for k in _MEASURES] for n in nuclei], np.float64).reshape(
                 -1, len(_MEASURES)
             ),
@@ -701,41 +717,40 @@ def _save_part(parts: Path, part: dict) -> Path:
     return path
 
 
+_PART_KEYS = ("core", "coords", "ring_offsets", "ring_polygon", "nucleus_offsets", "measures")
+
+
 def _load_part(parts: Path, key: str) -> dict:
     path = parts / f"{key}.npz"
     try:
         with np.load(path) as z:
-            core, coords, offsets, measures = (
-                z[k] for k in ("core", "coords", "offsets", "measures")
-            )
+            core, coords, ring_off, ring_poly, nuc_off, measures = (z[k] for k in _PART_KEYS)
     except (OSError, ValueError, KeyError) as err:
         raise SlideError(f"{path}: unreadable block result ({err}); delete it and rerun") from err
     nuclei = []
     for i, row in enumerate(measures.tolist()):
-        nuc = dict(zip(_MEASURES, row, strict=True))
-        nuc["ring"] = coords[offsets[i] : offsets[i + 1]]
+        nuc: dict[str, Any] = dict(zip(_MEASURES, row, strict=True))
+        polys: list[list[NDArray]] = []
+        for r in range(nuc_off[i], nuc_off[i + 1]):
+            if ring_poly[r] == len(polys):
+                polys.append([])
+            polys[-1].append(coords[ring_off[r] : ring_off[r + 1]])
+        nuc["polygons"] = polys
         nuclei.append(nuc)
     return {"key": key, "core": core.tolist(), "nuclei": nuclei}
 
 
 def _is_border(nucleus: dict, core: Sequence[int]) -> bool:
-    ring = np.asarray(nucleus["ring"])
     x0, y0, x1, y1 = core
-    return bool(
-        ring[:, 0].min() < x0
-        or ring[:, 1].min() < y0
-        or ring[:, 0].max() > x1
-        or ring[:, 1].max() > y1
-    )
+    bx0, by0, bx1, by1 = _bbox(nucleus["polygons"])
+    return bool(bx0 < x0 or by0 < y0 or bx1 > x1 or by1 > y1)
 
 
-def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], list | None]:
-    """Overlaps between border nuclei of different blocks: ``{(block, index): new ring or None}``.
+def _seam_candidates(parts: Path, blocks: list[Block]) -> list[tuple[str, int, dict]]:
+    """``(block key, index, nucleus)`` of every nucleus that may overlap another block's.
 
-    Only nuclei that reach outside their own core can overlap another block's nuclei; they are
-    compared pairwise (bounding boxes first). The nucleus segmented with less context (centroid
-    nearer its block's read edge) loses: dropped when the overlap is at least half of the smaller
-    nucleus (the same nucleus seen twice), otherwise trimmed by the overlap.
+    The border nuclei (reaching outside their own core), then the nuclei inside their core that
+    the box of a neighbour's border nucleus reaches into.
     """
     border: list[tuple[str, int, dict]] = []
     for blk in blocks:
@@ -743,10 +758,41 @@ def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], li
         for i, nuc in enumerate(part["nuclei"]):
             if _is_border(nuc, part["core"]):
                 border.append((blk.key, i, nuc))
+    if not border:
+        return border
+    reach_boxes = np.array([_bbox(n["polygons"]) for _, _, n in border])
+    inner: list[tuple[str, int, dict]] = []
+    for blk in blocks:
+        others = np.array([key != blk.key for key, _, _ in border])
+        reach = reach_boxes[others & _overlaps(reach_boxes, np.asarray(blk.core))]
+        if not len(reach):
+            continue
+        part = _load_part(parts, blk.key)
+        for i, nuc in enumerate(part["nuclei"]):
+            if (
+                not _is_border(nuc, part["core"])
+                and _overlaps(reach, np.asarray(_bbox(nuc["polygons"]))).any()
+            ):
+                inner.append((blk.key, i, nuc))
+    return border + inner
+
+
+def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], list | None]:
+    """Overlaps between border nuclei of different blocks: ``{(block, index): polygons or None}``.
+
+    Only nuclei that reach outside their own core (*border* nuclei) can overlap another block's
+    nuclei: another border nucleus, or one lying inside its own core where a border nucleus of a
+    neighbour reaches in. These candidates are compared pairwise (bounding boxes first). The
+    nucleus segmented with less context (centroid nearer its block's read edge) loses: dropped
+    when the overlap is at least half of the smaller nucleus (the same nucleus seen twice),
+    otherwise trimmed by the overlap. Parts are read twice rather than held: memory stays bounded
+    by the candidates.
+    """
+    border = _seam_candidates(parts, blocks)
     changes: dict[tuple[str, int], list | None] = {}
     if not border:
         return changes
-    boxes = np.array([_bbox(n["ring"]) for _, _, n in border])
+    boxes = np.array([_bbox(n["polygons"]) for _, _, n in border])
     # candidate pairs: bounding boxes sharing a cell of a coarse grid (no all-pairs loop)
     cell = max(16, int(np.percentile(boxes[:, 2:] - boxes[:, :2], 95)) + 1)
     grid: dict[tuple[int, int], list[int]] = {}
@@ -766,12 +812,12 @@ def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], li
         k: r
         for r, k in enumerate(sorted(range(len(border)), key=lambda k: -border[k][2]["context"]))
     }
-    rings = {k: border[k][2]["ring"] for k in range(len(border))}
+    shapes = {k: border[k][2]["polygons"] for k in range(len(border))}
     alive = set(range(len(border)))
     for a, b in sorted(pairs, key=lambda p: (rank[p[0]], rank[p[1]])):
         if a not in alive or b not in alive or not _boxes_overlap(boxes[a], boxes[b]):
             continue
-        new = _subtract(rings[b], rings[a])
+        new = _subtract(shapes[b], shapes[a])
         if new is _SAME:
             continue
         key = (border[b][0], border[b][1])
@@ -779,7 +825,7 @@ def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], li
             alive.discard(b)
             changes[key] = None
         else:
-            rings[b] = new
+            shapes[b] = new
             boxes[b] = _bbox(new)
             changes[key] = new
     return changes
@@ -788,46 +834,70 @@ def _resolve_seams(parts: Path, blocks: list[Block]) -> dict[tuple[str, int], li
 _SAME = object()
 
 
-def _bbox(ring: list) -> tuple[int, int, int, int]:
-    arr = np.asarray(ring)
-    return int(arr[:, 0].min()), int(arr[:, 1].min()), int(arr[:, 0].max()), int(arr[:, 1].max())
+def _bbox(polys: list) -> tuple[int, int, int, int]:
+    """Integer box ``(x0, y0, x1, y1)`` around the exteriors (pixel corners, floor / ceil)."""
+    arr = np.concatenate([np.asarray(poly[0]) for poly in polys])
+    x0, y0 = np.floor(arr.min(0)).astype(int)
+    x1, y1 = np.ceil(arr.max(0)).astype(int)
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def _boxes_overlap(a: Sequence[int], b: Sequence[int]) -> bool:
-    return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
+    """Whether two ``(x0, y0, x1, y1)`` corner boxes share a pixel (touching edges do not)."""
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
-def _raster(ring: list, box: Sequence[int]) -> NDArray[np.uint8]:
-    import cv2
+def _overlaps(boxes: NDArray, box: NDArray) -> NDArray[np.bool_]:
+    """:func:`_boxes_overlap` of each row of ``boxes`` (N, 4) with one ``box``."""
+    return (
+        (boxes[:, 2] > box[0])
+        & (box[2] > boxes[:, 0])
+        & (boxes[:, 3] > box[1])
+        & (box[3] > boxes[:, 1])
+    )
 
+
+def _raster(polys: list, box: Sequence[int]) -> NDArray[np.bool_]:
+    """The pixels of ``polys`` (pixel-corner coordinates) within ``box``.
+
+    Even-odd over every ring: parts are disjoint and holes lie in their exterior, so this is the
+    mask that :func:`kseg.geojson.mask_polygons` traced, exactly.
+    """
     x0, y0, x1, y1 = box
-    mask = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
-    pts = (np.asarray(ring, np.int32) - np.array([x0, y0], np.int32))[None]
-    cv2.fillPoly(mask, pts, 1)
+    shape = (y1 - y0, x1 - x0)
+    mask = np.zeros(shape, bool)
+    for poly in polys:
+        for ring in poly:
+            mask ^= ring_mask(np.asarray(ring, np.float64) - np.array([x0, y0]), shape)
     return mask
 
 
-def _subtract(ring: list, winner: list) -> Any:
-    """``ring`` minus ``winner``: ``_SAME`` (no overlap), None (duplicate) or the trimmed ring."""
-    import cv2
+def _subtract(polys: list, winner: list) -> Any:
+    """``polys`` minus ``winner``: ``_SAME`` (no overlap), None (duplicate) or the trimmed polygons.
 
-    ba, bb = _bbox(ring), _bbox(winner)
+    Both inputs and the result are lists of polygons in pixel-corner coordinates, like every
+    nucleus of a block part.
+    """
+    ba, bb = _bbox(polys), _bbox(winner)
     box = (min(ba[0], bb[0]), min(ba[1], bb[1]), max(ba[2], bb[2]), max(ba[3], bb[3]))
-    mine, other = _raster(ring, box), _raster(winner, box)
+    mine, other = _raster(polys, box), _raster(winner, box)
     overlap = int((mine & other).sum())
     if overlap == 0:
         return _SAME
     if overlap >= 0.5 * min(int(mine.sum()), int(other.sum())):
         return None
-    rest = (mine & (1 - other)).astype(np.uint8)
-    contours, _ = cv2.findContours(rest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
+    rest = mine & ~other
+    if rest.sum() < 4:
         return None
-    contour = max(contours, key=cv2.contourArea)[:, 0, :]
-    if len(contour) < 3 or cv2.contourArea(contour) < 4:
-        return None
-    out = (contour + np.array([box[0], box[1]])).tolist()
-    return [*out, out[0]]
+    origin = np.array([box[0], box[1]], np.float64)
+    return [
+        [np.asarray(ring, np.float64) + origin for ring in poly] for poly in mask_polygons(rest)
+    ]
+
+
+def _area(polys: list) -> float:
+    """Pixel area of pixel-exact polygons (exteriors positive, holes negative)."""
+    return float(sum(signed_area(np.asarray(ring)) for poly in polys for ring in poly))
 
 
 def _write_outputs(
@@ -864,15 +934,15 @@ def _write_outputs(
         for blk in blocks:
             part = _load_part(parts, blk.key)
             for i, nuc in enumerate(part["nuclei"]):
-                ring = changes.get((blk.key, i), nuc["ring"])
-                if ring is None:
+                polys = changes.get((blk.key, i), nuc["polygons"])
+                if polys is None:
                     continue
                 n += 1
-                feature = _feature(n, ring, nuc, ds, um, trimmed=(blk.key, i) in changes)
+                feature = _feature(n, polys, nuc, ds, um, trimmed=(blk.key, i) in changes)
                 gj.write((",\n" if n > 1 else "") + json.dumps(feature))
                 writer.writerow(_csv_row(n, nuc, ds, um))
-                pts = np.rint(np.asarray(ring) * over_scale).astype(np.int32)
-                cv2.polylines(overlay, [pts], True, (255, 230, 0), 1)
+                pts = [np.rint(np.asarray(p[0]) * over_scale).astype(np.int32) for p in polys]
+                cv2.polylines(overlay, pts, True, (255, 230, 0), 1)
         gj.write("\n]}\n")
     if tissue is not None:
         mask = cv2.resize(tissue.astype(np.uint8), (ow, oh), interpolation=cv2.INTER_NEAREST)
@@ -883,14 +953,23 @@ def _write_outputs(
     return [gj_path, csv_path, png_path], n
 
 
-def _feature(n: int, ring: list, nuc: dict, ds: float, um: float, trimmed: bool) -> dict:
-    """A QuPath detection in level-0 pixel coordinates, with measurements in µm."""
-    coords = np.round(np.asarray(ring, np.float64) * ds, 2).tolist()
-    area = nuc["area"] if not trimmed else _ring_area(ring)
+def _feature(n: int, polys: list, nuc: dict, ds: float, um: float, trimmed: bool) -> dict:
+    """A QuPath detection in level-0 pixel coordinates, with measurements in µm.
+
+    ``Polygon`` for a nucleus in one piece, ``MultiPolygon`` for one whose parts touch only at
+    a corner (as :func:`kseg.geojson.label_geometry` writes for tiles).
+    """
+    coords = [[np.round(np.asarray(r, np.float64) * ds, 2).tolist() for r in p] for p in polys]
+    geometry = (
+        {"type": "Polygon", "coordinates": coords[0]}
+        if len(coords) == 1
+        else {"type": "MultiPolygon", "coordinates": coords}
+    )
+    area = nuc["area"] if not trimmed else _area(polys)
     return {
         "type": "Feature",
         "id": f"kseg-{n}",
-        "geometry": {"type": "Polygon", "coordinates": [coords]},
+        "geometry": geometry,
         "properties": {
             "objectType": "detection",
             "classification": {"name": "Nucleus", "color": [255, 230, 0]},
@@ -906,12 +985,6 @@ def _feature(n: int, ring: list, nuc: dict, ds: float, um: float, trimmed: bool)
             },
         },
     }
-
-
-def _ring_area(ring: list) -> float:
-    arr = np.asarray(ring, np.float64)
-    x, y = arr[:, 0], arr[:, 1]
-    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
 
 
 def _csv_row(n: int, nuc: dict, ds: float, um: float) -> list:

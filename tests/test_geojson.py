@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
-from kseg.geojson import mask_polygons
+from kseg.geojson import mask_polygons, ring_mask
 from kseg.predict import geojson_features, predict
 
 
@@ -112,3 +112,28 @@ def test_tnbc_ground_truth_nuclei_give_valid_exact_polygons(tnbc_dir: Path, name
     mask = np.asarray(Image.open(tnbc_dir / name))
     labels, _ = ndi.label(mask.reshape((*mask.shape[:2], -1))[..., 0] > 0)
     _check_labels(labels, geojson_features(labels), name)
+
+
+def test_ring_mask_gives_back_the_traced_pixels_where_fillpoly_grows_them() -> None:
+    """Rings -> pixels is the exact inverse of pixels -> rings (even-odd over all rings)."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        noise = rng.random((24, 31))
+        mask = noise > 0.5 if trial % 2 else ndi.binary_opening(noise > 0.4)
+        back = np.zeros(mask.shape, bool)
+        for poly in mask_polygons(mask):
+            for ring in poly:
+                back ^= ring_mask(ring, mask.shape)
+        np.testing.assert_array_equal(back, mask)
+    # a 2 x 3 block traced on pixel corners: OpenCV would paint 3 x 4 pixels
+    block = np.zeros((6, 6), bool)
+    block[1:3, 2:5] = True
+    ring = mask_polygons(block)[0][0]
+    assert ring_mask(ring, block.shape).sum() == 6
+    filled = cv2.fillPoly(np.zeros((6, 6), np.uint8), [np.asarray(ring, np.int32)], 1)
+    assert filled.sum() == 12
+    # float rings and rings reaching outside the image are clipped, not wrapped
+    shifted = ring_mask(np.asarray(ring, float) - 2.0, block.shape)  # rows -1..0, cols 0..2
+    assert shifted.sum() == 3 and shifted[0, :3].all()
