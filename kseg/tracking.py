@@ -106,7 +106,8 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    # rstrip only: a porcelain status line starts with a space (" M path", changed in the tree)
+    return out.stdout.rstrip()
 
 
 def data_version(lock_path: Path = Path("dvc.lock"), data_dir: str = "data") -> str:

@@ -55,13 +55,6 @@ def _lock_md5(project: Path, stage: str, path: str) -> str:
     return next(o["md5"] for o in lock["outs"] if o["path"] == path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known failure since merging issues 15/16 (2026-12-02): after `dvc repro -f -s train` "
-    "in "
-    "the committed test project the run's git_dirty tag is 'true' (a tracked file other than DVC's "
-    "outputs changes); the repro/push/pull/metrics checks before it pass",
-)
 def test_repro_twice_second_does_nothing(dvc_project: Path) -> None:
     first = _dvc("repro", cwd=dvc_project)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -139,7 +132,7 @@ def _check_committed_metrics_and_plots(project: Path) -> None:
     run = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(
         pointer["mlflow_run_id"]
     )
-    assert run.data.tags["git_dirty"] == "false"
+    assert run.data.tags["git_dirty"] == "false", _git("status", "--porcelain", cwd=project)
     assert (
         run.data.tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD", cwd=project).strip()
     )

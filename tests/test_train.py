@@ -260,3 +260,27 @@ def test_git_dirty_ignores_what_dvc_writes() -> None:
     assert git_dirty(" M dvc.lock\n M kseg/train.py\n", generated)
     assert git_dirty("M  params.yaml\n", generated)
     assert not git_dirty("", generated)
+
+
+def test_lineage_reads_real_git_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status a real git prints (" M path" first) is read whole: DVC's files are not dirt."""
+    from kseg.config import load_params
+    from kseg.tracking import lineage_tags
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "validation.json").write_text("{}")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.chdir(tmp_path)
+    params = load_params(tmp_path / "params.yaml")
+    assert lineage_tags(params, "cpu")["git_dirty"] == "false"
+    (tmp_path / "metrics" / "validation.json").write_text('{"ok": 1}')  # as dvc repro leaves it
+    assert lineage_tags(params, "cpu")["git_dirty"] == "false"
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text() + "\n# edited\n")
+    assert lineage_tags(params, "cpu")["git_dirty"] == "true"
