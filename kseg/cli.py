@@ -87,14 +87,37 @@ def fetch(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo(f"dataset ({cfg.data.source}) written to {out}/")
 
 
+#: What ``kseg params --stamp`` writes: constant, so that a valid params edit changes nothing
+#: downstream of the ``check_params`` stage (only the stages that read the edited params rerun).
+PARAMS_STAMP = "params.yaml passed kseg's validation\n"
+
+
 @app.command("params")
-def show_params(params: ParamsOpt = Path("params.yaml")) -> None:
+def show_params(
+    params: ParamsOpt = Path("params.yaml"),
+    stamp: Annotated[
+        Path | None,
+        typer.Option(
+            help="Only validate, then write this file (constant content): DVC's check_params "
+            "stage, which runs before any stage can delete its outputs."
+        ),
+    ] = None,
+) -> None:
     """Validate params.yaml and print the resolved parameters (defaults filled in) as YAML."""
     import yaml
 
     from kseg.config import params_hash, to_dict
+    from kseg.fsutil import atomic_write_text
 
     cfg = _load(params)
+    if stamp is not None:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stamp, PARAMS_STAMP)
+        except OSError as err:
+            _fail(f"cannot write {stamp}: {err}")
+        typer.echo(f"{params}: valid")
+        return
     typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
     typer.echo(f"# params hash: {params_hash(cfg)}")
 

@@ -167,3 +167,25 @@ def _check_committed_metrics_and_plots(project: Path) -> None:
         v["rev"] + v.get("field", "") for v in plots["losses"][0]["content"]["data"]["values"]
     }
     assert any("val_loss" in s for s in series), series
+
+    _check_bad_params_lose_nothing(project)
+
+
+def _check_bad_params_lose_nothing(project: Path) -> None:
+    """`dvc exp run -S train.epochs=0` fails in check_params, before DVC deletes any output."""
+    models, data = _tree_hash(project / "models"), _tree_hash(project / "data")
+    bad = _dvc("exp", "run", "-S", "train.epochs=0", cwd=project)
+    out = bad.stdout + bad.stderr
+    assert bad.returncode != 0, out
+    assert "Running stage 'check_params'" in out and "train.epochs" in out, out
+    assert "Running stage 'fetch'" not in out and "Running stage 'train'" not in out, out
+    assert _tree_hash(project / "models") == models and _tree_hash(project / "data") == data
+    # a valid edit reruns what reads it, not the pipeline: the stamp stays byte-identical
+    # (the failed run deleted the stamp: check_params runs again and writes the same bytes)
+    _git("checkout", "params.yaml", cwd=project)
+    again = _dvc("repro", cwd=project)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage 'check_params'" in again.stdout, again.stdout
+    for stage in ("fetch", "prepare", "normalize", "train"):
+        assert f"Running stage '{stage}'" not in again.stdout, again.stdout
+    assert _tree_hash(project / "models") == models
