@@ -30,6 +30,7 @@ def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def dvc_project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    shutil.copy(REPO / "data.dvc", tmp_path / "data.dvc")  # raw/ absent: repro is unaffected
     write_params(tmp_path)  # the tiny configuration: the whole pipeline in seconds
     shutil.copytree(REPO / "kseg", tmp_path / "kseg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))

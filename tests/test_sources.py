@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
@@ -230,3 +231,53 @@ def test_dvc_exp_run_switching_source_reruns_the_data_stages(tnbc_site, tmp_path
         "prepare", "validate"}  # fmt: skip
     assert _ran(_dvc("exp", "run", "validate", "-S", "validate.min_tiles_per_split=2",
                      cwd=project)) == {"validate"}  # fmt: skip
+
+
+def test_raw_archives_travel_through_data_dvc(tnbc_site, tmp_path: Path) -> None:
+    """`kseg fetch` keeps the archive in raw/ (data.dvc); a clone pulls it and fetches offline."""
+    project = tmp_path / "repo"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml", "data.dvc", ".gitignore"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copytree(REPO / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    env = {k: v for k, v in os.environ.items() if k != "KSEG_CACHE"}  # the default: raw/
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+
+    def run(*cmd: str, cwd: Path = project) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (cmd, proc.stdout + proc.stderr)
+        return proc
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    run("git", "init", "-q")
+    served = tnbc_site.root / "TNBC_NucleiSegmentation.zip"
+    sha = _sha(served)
+    url = f"{tnbc_site.url}/TNBC_NucleiSegmentation.zip"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(source="tnbc", url=url, sha256=sha)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = tnbc_site.count("/TNBC_NucleiSegmentation.zip")
+    run("kseg", "fetch")
+    assert tnbc_site.count("/TNBC_NucleiSegmentation.zip") == before + 1
+    kept = project / "raw" / f"{sha}.zip"
+    assert kept.read_bytes() == served.read_bytes()
+    # the team's commit: data.dvc records raw/, the bytes go to the remote
+    run("dvc", "commit", "-f", "data.dvc")
+    lock = yaml.safe_load((project / "data.dvc").read_text())
+    assert lock["outs"][0]["path"] == "raw" and lock["outs"][0]["nfiles"] == 1
+    run("dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    run("dvc", "push", "data.dvc")
+    run(*git, "add", "-A")
+    run(*git, "commit", "-qm", "raw archives")
+    assert "raw" not in run("git", "ls-files").stdout.split()  # the bytes are DVC's, not git's
+    # a teammate: clone, pull, fetch with the server gone (a dead URL) and no download
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    run("dvc", "pull", "data.dvc", cwd=clone)
+    assert (clone / "raw" / f"{sha}.zip").read_bytes() == served.read_bytes()
+    params["data"]["url"] = "http://127.0.0.1:9/TNBC_NucleiSegmentation.zip"  # nothing listens
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    run("kseg", "fetch", cwd=clone)
+    assert tnbc_site.count("/TNBC_NucleiSegmentation.zip") == before + 1
+    assert len(list((clone / "data" / "TNBC_NucleiSegmentation").glob("Slide_*/*.png"))) == 50
+    assert run("dvc", "status", "data.dvc", cwd=clone).stdout.strip().endswith("up to date.")

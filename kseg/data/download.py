@@ -8,8 +8,10 @@ works wherever kseg installs. The rules:
 - Transient failures (connection reset or refused, timeouts, HTTP 5xx / 408 / 429, a body shorter
   than its ``Content-Length``) are retried with exponential backoff; an interrupted transfer resumes
   with an HTTP ``Range`` request when the server allows it. A 404 or 403 is final at once.
-- Archives are kept in a cache keyed by sha256 (``$KSEG_CACHE``, default ``.cache/kseg`` in the
-  working directory), so running ``kseg fetch`` again does not download again.
+- Archives are kept in a cache keyed by sha256 (``$KSEG_CACHE``, default ``raw/`` in the working
+  directory: the project's raw archives, tracked by DVC through ``data.dvc`` so that a team shares
+  the exact bytes with ``dvc push`` / ``dvc pull``), so running ``kseg fetch`` again, or on a
+  teammate's clone after ``dvc pull data.dvc``, does not download again.
 - :func:`safe_extract` checks every entry before writing anything: absolute paths, ``..``
   components, links and entries that would resolve outside the target are refused; macOS metadata
   (``__MACOSX/``, ``._*``, ``.DS_Store``) is skipped.
@@ -62,9 +64,14 @@ class ChecksumError(ValueError):
     """The downloaded or local file does not have the expected sha256."""
 
 
+#: Default folder of verified archives (``<sha256>.zip``), relative to the working directory:
+#: the project's ``raw/``, which ``data.dvc`` tracks.
+RAW_DIR = Path("raw")
+
+
 def cache_dir() -> Path:
-    """Folder of cached archives: ``$KSEG_CACHE`` or ``.cache/kseg`` in the working directory."""
-    return Path(os.environ.get("KSEG_CACHE") or Path(".cache") / "kseg")
+    """Folder of verified archives: ``$KSEG_CACHE``, or ``raw/`` in the working directory."""
+    return Path(os.environ.get("KSEG_CACHE") or RAW_DIR)
 
 
 def sha256_file(path: Path) -> str:
