@@ -297,6 +297,10 @@ def publish_report(
     return markdown
 
 
+#: The dvc.yaml stage that validates params.yaml (``kseg params --stamp``); see docs/security.md.
+CHECK_STAGE = "check_params"
+
+
 @flow(name="retrain")
 def retrain(
     source: Source | None = None,
@@ -318,6 +322,8 @@ def retrain(
         epochs: ``train.epochs``.
         device: ``train.device``.
         stages: Run only these stages (in pipeline order); None runs every stage of dvc.yaml.
+            ``check_params`` (params.yaml validation, cheap) always runs first when dvc.yaml has
+            it, so that a bad knob fails before any stage deletes its outputs.
         project_dir: The project folder (holds dvc.yaml, params.yaml, dvc.lock).
 
     Returns:
@@ -341,7 +347,7 @@ def retrain(
     results = []
     with run_params(project / "params.yaml", updates) as changed:
         for stage in order:
-            if stages is not None and stage not in stages:
+            if stages is not None and stage not in stages and stage != CHECK_STAGE:
                 continue
             runner = run_stage
             if stage == "fetch":

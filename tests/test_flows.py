@@ -91,7 +91,7 @@ def test_stage_order_follows_the_dependency_graph(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cycle"):
         stage_order(tmp_path)
     order = stage_order(REPO)
-    assert order[0] == "fetch"
+    assert order[:2] == ["check_params", "fetch"]  # params validated before anything is deleted
     assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     if {"prepare", "validate", "train"} <= set(order):  # the data gate comes before training
         assert order.index("prepare") < order.index("validate") < order.index("train")
@@ -366,7 +366,10 @@ def test_fetch_fails_twice_then_the_task_retries_succeed(tmp_path: Path) -> None
         server.shutdown()
         server.server_close()
     assert state.is_completed(), state.message
-    assert [(r["stage"], r["status"]) for r in state.result()["stages"]] == [("fetch", "ran")]
+    assert [(r["stage"], r["status"]) for r in state.result()["stages"]] == [
+        ("check_params", "ran"),
+        ("fetch", "ran"),
+    ]
     assert server.requests == 3
     assert (project / "data/TNBC_NucleiSegmentation/GT_01/01_1.png").is_file()
     fetch_run = next(r for r in _task_runs(state) if r.name == "fetch")
