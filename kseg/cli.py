@@ -98,8 +98,9 @@ def show_params(
     stamp: Annotated[
         Path | None,
         typer.Option(
-            help="Only validate, then write this file (constant content): DVC's check_params "
-            "stage, which runs before any stage can delete its outputs."
+            help="Only validate (also that path keys match dvc.yaml next to params.yaml), then "
+            "write this file (constant content): DVC's check_params stage, which runs before any "
+            "stage can delete its outputs."
         ),
     ] = None,
 ) -> None:
@@ -111,6 +112,14 @@ def show_params(
 
     cfg = _load(params)
     if stamp is not None:
+        from kseg.dvc_paths import check_dvc_paths
+
+        dvc_yaml = params.parent / "dvc.yaml"
+        if dvc_yaml.is_file():
+            try:
+                check_dvc_paths(cfg, dvc_yaml)
+            except ValueError as err:
+                _fail(f"{params}: {err}")
         try:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(stamp, PARAMS_STAMP)
