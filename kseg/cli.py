@@ -128,6 +128,8 @@ def show_params(
         typer.echo(f"{params}: valid")
         return
     typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+    for note in cfg.model.inert_options():
+        typer.echo(f"# note: {note}")
     typer.echo(f"# params hash: {params_hash(cfg)}")
 
 

@@ -72,3 +72,26 @@ def test_params_command_prints_resolved_defaults(project: Path) -> None:
     assert result.exit_code == 0
     assert "foreground_threshold: 28" in result.output
     assert "# params hash:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("model", "note"),
+    [
+        ({"fix_decoder_concat_upsampled": True, "fix_drop_unused_upconv": True}, "no effect while"),
+        ({"fix_decoder_concat_upsampled": False, "fix_drop_unused_upconv": True}, None),
+        ({"arch": "unet"}, "shape Kidney-SegNet only"),
+    ],
+)
+def test_params_command_notes_options_without_effect(
+    project: Path, model: dict, note: str | None
+) -> None:
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
+    params.setdefault("model", {}).update(model)
+    path = project / "noted.yaml"
+    path.write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["params", "--params", str(path)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("# note:")]
+    assert (note is None and not notes) or (len(notes) == 1 and note in notes[0]), notes

@@ -114,6 +114,24 @@ class ModelConfig:
         """Channels of the network output: 1 for ``dist``, 2 for ``fg_dist``."""
         return 2 if self.head == "fg_dist" else 1
 
+    def inert_options(self) -> list[str]:
+        """Options set to a value that has no effect in this combination (``kseg params`` notes).
+
+        They are not errors: the presets and the original-compatible configuration set them
+        explicitly, so that switching the other option on or off needs one edit.
+        """
+        if self.arch == "unet":
+            return [
+                "model.arch is unet: mid_channels, aspp_rates, dice_impl, dice_dim_kernels and "
+                "the fix_* options shape Kidney-SegNet only and have no effect"
+            ]
+        if self.fix_decoder_concat_upsampled and self.fix_drop_unused_upconv:
+            return [
+                "model.fix_drop_unused_upconv has no effect while "
+                "model.fix_decoder_concat_upsampled is true (the decoder uses upconv1..3)"
+            ]
+        return []
+
     def validate(self) -> None:
         """Cross-field rules: the tile must survive three 2x poolings.
 
