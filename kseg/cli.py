@@ -248,15 +248,56 @@ def model_info_cmd(
 def convert_original_cmd(
     src: Annotated[Path, typer.Argument(help="original checkpoint (.pt)", dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="kseg model folder to write")],
+    mean_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--mean-from",
+            help="folder of the training images (png/tif/jpg): the input mean is computed from "
+            "them as the original did (per-image min-max to 0..255)",
+            file_okay=False,
+        ),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(help="the input mean as R,G,B on the 0..255 scale, instead of --mean-from"),
+    ] = None,
 ) -> None:
-    """Convert an original Kidney-SegNet checkpoint into a kseg model folder."""
-    from kseg.model import convert_original
+    """Convert an original Kidney-SegNet checkpoint into a model folder predict can use.
 
+    The folder gets ``preprocess.json`` (the training input mean, which the original's checkpoint
+    does not hold: give --mean-from or --mean) and the original's post-processing (dist head,
+    h 7 / threshold 28, the kseg defaults), so ``kseg predict --model OUT`` runs it.
+    """
+    from kseg.infer import Preprocess
+    from kseg.model import convert_original
+    from kseg.model.compat import original_input_mean
+
+    if (mean_from is None) == (mean is None):
+        _fail(
+            "give exactly one of --mean-from DIR or --mean R,G,B: the original subtracts the mean "
+            "of its training images, which its checkpoint does not store"
+        )
     try:
-        folder = convert_original(src, out)
+        if mean is not None:
+            values = tuple(float(v) for v in mean.split(","))
+            if len(values) != 3 or not all(0.0 <= v <= 255.0 for v in values):
+                raise ValueError(f"--mean {mean!r}: expected R,G,B in 0..255")
+            rgb = (values[0], values[1], values[2])
+        else:
+            from kseg.predict import read_image
+
+            suffixes = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
+            files = sorted(p for p in mean_from.iterdir() if p.suffix.lower() in suffixes)
+            if not files:
+                raise ValueError(f"--mean-from {mean_from}: no png/tif/jpg image in it")
+            rgb = original_input_mean(read_image(p) for p in files)
+        folder = convert_original(src, out, extra={"input_mean": list(rgb)})
+        Preprocess(mean=rgb, std=(1.0, 1.0, 1.0)).save(folder)
     except (OSError, ValueError) as err:
         _fail(str(err))
-    typer.echo(f"model folder written to {folder}/")
+    typer.echo(
+        f"model folder written to {folder}/ (input mean {', '.join(f'{v:.1f}' for v in rgb)})"
+    )
 
 
 # --- pipeline commands ---

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +69,40 @@ def test_convert_bare_state_dict(tmp_path):
     assert got == cfg
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_converted_original_checkpoint_runs_in_kseg_predict(
+    shared: Path, tnbc_dir: Path, tmp_path: Path
+) -> None:
+    """convert-original -> a folder `kseg predict` accepts; the mean is the original's input's."""
+    import tifffile
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kseg.cli import app
+
+    src = shared / "reference" / "original_kidney_segnet_nfeat8_mid32.pt"
+    runner = CliRunner()
+    refused = runner.invoke(app, ["convert-original", str(src), "--out", str(tmp_path / "m")])
+    assert refused.exit_code == 2 and "--mean-from" in refused.output
+    assert not (tmp_path / "m").exists()
+    slide = tnbc_dir / "Slide_01"
+    res = runner.invoke(
+        app, ["convert-original", str(src), "--out", str(tmp_path / "m"), "--mean-from", str(slide)]
+    )
+    assert res.exit_code == 0, res.output
+    # the oracle: per-image min-max to 0..255 (the original's input), then the channel means
+    means = []
+    for path in sorted(slide.glob("*.png")):
+        rgb = np.asarray(Image.open(path).convert("RGB"), np.float64)
+        means.append(((rgb - rgb.min()) * 255.0 / (rgb.max() - rgb.min())).reshape(-1, 3).mean(0))
+    pre = json.loads((tmp_path / "m" / "preprocess.json").read_text())
+    np.testing.assert_allclose(pre["mean"], np.mean(means, axis=0), atol=0.5)  # RGBA on white
+    assert pre["std"] == [1.0, 1.0, 1.0]
+    tile = sorted(slide.glob("*.png"))[0]
+    out = runner.invoke(
+        app, ["predict", str(tile), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
+    )
+    assert out.exit_code == 0, out.output
+    labels = tifffile.imread(next((tmp_path / "o").glob("*labels*.tif*")))
+    assert labels.shape == (512, 512) and labels.dtype.kind == "u"

@@ -28,10 +28,13 @@ The nfeat and mid_channels of the checkpoint are read from the shapes of ``conv1
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from kseg.model.config import ModelConfig
 
@@ -142,3 +145,27 @@ def convert_original(
     model, cfg = load_original_checkpoint(src, dice_impl)
     meta = {"converted_from": str(src), **(extra or {})}
     return save_model_folder(model, cfg, out_dir, meta)
+
+
+def original_input_mean(images: Iterable[NDArray[np.uint8]]) -> tuple[float, float, float]:
+    """Per-channel RGB mean of training images as the original's input sees them.
+
+    The original scales each image to [0, 255] (per-image min-max), then subtracts a per-pixel
+    mean image of the training set, which its checkpoints do not store. kseg's preprocessing is
+    per channel (any tile size), so a converted model gets the per-channel mean of those scaled
+    images and a std of 1 (the original divides by nothing).
+
+    Raises:
+        ValueError: If there is no image.
+    """
+    total, count = np.zeros(3), 0
+    for img in images:
+        arr = np.asarray(img, np.float64)[..., :3]
+        lo, hi = arr.min(), arr.max()
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        total += scaled.reshape(-1, 3).mean(0)
+        count += 1
+    if count == 0:
+        raise ValueError("no training image to compute the input mean from")
+    r, g, b = (float(v) for v in total / count)
+    return r, g, b
