@@ -86,7 +86,7 @@ def loop_metrics(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
             iou[i, j] = inter[i, j] / union[i, j]
     tp = int(np.sum(iou > 0.5))
     dq = tp / (tp + 0.5 * (len(p_ids) - tp) + 0.5 * (len(t_ids) - tp))
-    best = iou.argmax(axis=1)
+    best = (inter / (union + 1.0e-6)).argmax(axis=1)  # HoVer-Net's ranking (ties: larger pair)
     rows = np.nonzero(iou.max(axis=1) > 0)[0]
     c = inter[rows, best[rows]].sum()
     u = union[rows, best[rows]].sum()

@@ -9,16 +9,18 @@ Definitions (P = predicted foreground, G = ground-truth foreground; p_j, g_i ins
   image. This is what the original Kidney-SegNet code reports as "F1" and "JI" (sklearn
   ``f1_score`` / ``jaccard_score`` on the flattened binary masks), and what its paper compares.
 * **Object precision / recall / F1 at IoU 0.5**: a predicted and a true instance match when their
-  IoU is > 0.5. Because two instances of one image are disjoint, an instance can have IoU > 0.5
-  with at most one instance of the other image, so the matching is unique without an assignment
-  step. TP = matches, FP = unmatched predictions, FN = unmatched truths; P = TP / (TP + FP),
-  R = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN).
+  IoU is > 0.5 (strictly, as HoVer-Net; StarDist's ``matching`` counts IoU >= 0.5). Because two
+  instances of one image are disjoint, an instance can have IoU > 0.5 with at most one instance
+  of the other image, so the matching is unique without an assignment step. TP = matches,
+  FP = unmatched predictions, FN = unmatched truths; P = TP / (TP + FP), R = TP / (TP + FN),
+  F1 = 2TP / (2TP + FP + FN).
 * **Aggregated Jaccard Index** (Kumar et al., "A Dataset and a Technique for Generalized Nuclear
   Segmentation for Computational Pathology", IEEE TMI 36(7), 2017): for every true instance g_i
   take the prediction p_j with the largest IoU; add ``|g_i ∩ p_j|`` to C and ``|g_i ∪ p_j|`` to U.
   A prediction may serve several truths. Add the area of every prediction never chosen, and of every
   truth that overlaps no prediction, to U. AJI = C / U. As HoVer-Net's ``get_fast_aji`` (Graham
-  et al., Medical Image Analysis 58, 2019): ties go to the lowest prediction id.
+  et al., Medical Image Analysis 58, 2019), which ranks by ``inter / (union + 1e-6)``: of two
+  predictions with exactly the same IoU the larger pair wins, then the lowest prediction id.
 * **Panoptic Quality** (Kirillov et al., "Panoptic Segmentation", CVPR 2019; for nuclei as in
   HoVer-Net ``get_fast_pq`` with match IoU 0.5): DQ = TP / (TP + FP/2 + FN/2) (equal to the object
   F1 above), SQ = mean IoU of the matched pairs, PQ = DQ x SQ.
@@ -190,8 +192,10 @@ def _aji(ov: _Overlap) -> float:
     n_gt, n_pred = len(ov.gt_area), len(ov.pred_area)
     if n_gt == 0 and n_pred == 0:
         return 1.0
-    # Best prediction per truth: sort pairs by truth, then IoU descending, then prediction id.
-    order = np.lexsort((ov.pj, -ov.iou, ov.gi))
+    # Best prediction per truth, ranked as HoVer-Net's get_fast_aji ranks it: by
+    # inter / (union + 1e-6), which of two equal IoUs prefers the larger pair, then by lowest id.
+    rank = ov.inter / (ov.gt_area[ov.gi] + ov.pred_area[ov.pj] - ov.inter + 1.0e-6)
+    order = np.lexsort((ov.pj, -rank, ov.gi))
     gi, first = np.unique(ov.gi[order], return_index=True)
     best = order[first]  # one pair per truth that overlaps something
     inter = int(ov.inter[best].sum())

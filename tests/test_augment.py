@@ -11,6 +11,7 @@ from kseg.augment import build_augmentation, hed_jitter, split_fragments
 from kseg.config import AugmentConfig
 from kseg.data.synthetic import draw_instances, patient_stain, render_tile
 from kseg.data.targets import distance_target
+from tests.distance_oracle import brute_force_target, touching_squares
 
 GEOMETRY_ONLY = {"hed_p": 0.0, "brightness_contrast_p": 0.0, "blur_p": 0.0}
 IDS = (1, 7, 300, 4096, 65535)  # includes the largest uint16 label
@@ -47,6 +48,7 @@ def dihedral(a: np.ndarray) -> list[np.ndarray]:
 def test_flips_and_rot90_are_exact_and_aligned() -> None:
     image, labels, lut = known_tile(80, 96)  # non-square: rot90 swaps H and W
     aug = build_augmentation(AugmentConfig(**GEOMETRY_ONLY), seed=0)
+    known = brute_force_target(labels)  # the definition, computed once on the untransformed tile
     seen = set()
     for k in range(24):
         img_k, lab_k = aug(image, labels, np.random.default_rng(k))
@@ -63,7 +65,17 @@ def test_flips_and_rot90_are_exact_and_aligned() -> None:
         # Distance targets recomputed from the augmented labels equal the transformed targets.
         target = dihedral(distance_target(labels))[matches[0]]
         assert np.array_equal(distance_target(lab_k), target)
+        # ... and equal the known answer moved by the same symmetry, not just kseg's own function.
+        np.testing.assert_allclose(target, dihedral(known)[matches[0]], rtol=1e-5, atol=1e-3)
     assert len(seen) >= 6  # flips and rotations are actually drawn
+    # Touching nuclei: after any flip or rotation the valley between them is still there, where
+    # the known answer (per-nucleus distances, 85 per pixel of the 6x6 square's peak 3) puts it.
+    sq_labels, sq_known = touching_squares()
+    sq_image = lut[sq_labels]
+    for k in range(12):
+        _, lab_k = aug(sq_image, sq_labels, np.random.default_rng(k))
+        (match,) = [i for i, d in enumerate(dihedral(sq_labels)) if np.array_equal(d, lab_k)]
+        np.testing.assert_allclose(distance_target(lab_k), dihedral(sq_known)[match], rtol=1e-6)
 
 
 def test_warps_keep_exact_labels_and_alignment() -> None:

@@ -20,12 +20,49 @@ from kseg.config import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: Keys the repo's params.yaml leaves unset, with the documented defaults they must resolve to
+#: (written out here, not read from the dataclasses that produce them).
+UNSET_DEFAULTS = {
+    "model.infer_tta": "none",  # no test-time augmentation
+    "train.fg_loss_weight": 1.0,
+    "train.amp_dtype": "float16",  # CUDA AMP
+    "train.threads": 0,  # torch's default
+    "train.workers": 0,  # load batches in the main process
+    "train.deterministic": True,
+    "train.check_every": 0,
+    "train.infer_batch_size": 4,
+    "train.dist_timeout_min": 60.0,
+    "train.checkpoint_dir": ".checkpoints",
+    "train.val_overlays": 2,
+}
+
+
+def _leaves(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def test_repo_params_yaml_loads_and_matches_defaults_where_unset() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.data.source == "synthetic"
     assert params.postprocess.h == 7
     assert params.postprocess.foreground_threshold == 28
     assert params_from_dict({}) == Params()
+    resolved = _leaves(to_dict(params))  # tuples as lists, as YAML writes them
+    written = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    # Every value written in params.yaml is the value loaded ...
+    for key, value in written.items():
+        assert resolved[key] == value, key
+    # ... and every key it leaves out takes its known default (a new key shows up here, so that
+    # its default is written down; a changed default fails instead of silently moving).
+    assert set(resolved) - set(written) == set(UNSET_DEFAULTS)
+    for key, value in UNSET_DEFAULTS.items():
+        assert resolved[key] == value and type(resolved[key]) is type(value), key
 
 
 @pytest.mark.parametrize(

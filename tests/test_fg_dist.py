@@ -58,6 +58,14 @@ def test_normalized_distance_gives_each_touching_nucleus_its_own_peak_and_a_vall
         training_target(labels, "hv")
 
 
+def test_normalized_distance_of_the_largest_uint16_label() -> None:
+    # Prepared labels are uint16: label 65535 must not overflow the per-label peak table.
+    labels = np.zeros((5, 5), np.uint16)
+    labels[1:4, 1:4] = 65535
+    nd = normalized_distance(labels)
+    assert nd[2, 2] == pytest.approx(1.0) and nd[1, 1] == pytest.approx(0.5)
+
+
 def test_fg_dist_watershed_recovers_touching_nuclei_exactly() -> None:
     labels = np.zeros((64, 64), np.int32)
     for i, (c, r) in enumerate((((20, 18), 9), ((20, 34), 8), ((46, 40), 10)), start=1):

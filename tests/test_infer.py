@@ -24,6 +24,23 @@ class FirstChannel(torch.nn.Module):
         return x[:, :1]
 
 
+class BorderBlind(torch.nn.Module):
+    """Mean of the first channel over a ``k x k`` box with zero padding (receptive field ``k``).
+
+    Inside a window it reproduces a smooth map; within ``k // 2`` of the window's edge it averages
+    in zeros, so the same pixel gets a lower value from a window whose border is near it.
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(
+            x[:, :1], self.k, stride=1, padding=self.k // 2, count_include_pad=True
+        )
+
+
 class SmallConvNet(torch.nn.Module):
     """Two 3x3 convolutions: receptive field 5 px, fully convolutional (untiled is possible)."""
 
@@ -93,13 +110,31 @@ def test_tiled_equals_untiled_for_a_convolutional_net() -> None:
 
 
 def test_nucleus_cut_by_a_window_border_is_one_instance() -> None:
-    # A distance map with one big round nucleus centred on the border between windows
-    # (tile 64, overlap 16 -> windows start at 0, 48, 96...): centre at x=60 straddles two windows.
+    # A distance map with one big round nucleus (radius 20) centred at (y=64, x=60). Tile 64:
+    # without overlap the window borders are at x=64 and y=64, right through the nucleus; with
+    # kseg's overlap of 16 the windows start at x = 0, 48, 96 and y = 0, 48, 64.
     yy, xx = np.mgrid[0:128, 0:160]
     r = np.hypot(yy - 64, xx - 60)
-    dist = np.clip(20 - r, 0, None) * 12.0  # peak 240, radius 20 px
+    dist = np.clip(20 - r, 0, None) * 12.0  # peak 240
     image = np.repeat(dist[..., None], 3, axis=2).astype(np.uint8)
-    pred = predict_distance(FirstChannel(), image, IDENTITY, tile=64, overlap=16)
+    # The stand-in must predict worse near its own window's border, like a real network that sees
+    # zero padding there: an 11 x 11 mean with zero padding halves the map on the window edge. An
+    # identity stand-in would predict the same in every window and pass with any tiling.
+    net = BorderBlind(11)
+    with torch.inference_mode():
+        untiled = net(IDENTITY.to_tensor(image))[0, 0].numpy()
+    assert dist_watershed(untiled).max() == 1  # the network, seeing the whole image: one nucleus
+
+    # Windows side by side (no overlap) cut valleys along x=64 and y=64: four "nuclei".
+    no_overlap = dist_watershed(predict_distance(net, image, IDENTITY, tile=64, overlap=0))
+    assert no_overlap.max() == 4
+
+    pred = predict_distance(net, image, IDENTITY, tile=64, overlap=16)
     labels = dist_watershed(pred)
     assert labels.max() == 1
     assert (labels == 1).sum() > 0.8 * np.pi * 20**2 * 0.85
+    # The blend hands each border pixel to the window that sees it from afar: the map is close to
+    # the untiled one (peak 240) and the instance is the untiled network's instance.
+    assert np.abs(pred - untiled).max() < 10
+    ref = dist_watershed(untiled) == 1
+    assert (ref & (labels == 1)).sum() / (ref | (labels == 1)).sum() > 0.95

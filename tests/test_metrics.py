@@ -1,4 +1,4 @@
-"""Metrics: known answers, empty cases, and AJI / PQ against a plain loop implementation."""
+"""Metrics: known answers, empty cases, and AJI / PQ against HoVer-Net's (real TNBC nuclei too)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from sklearn.metrics import f1_score, jaccard_score
 
 from kseg.metrics import (
@@ -16,6 +17,7 @@ from kseg.metrics import (
     pixel_scores,
     segmentation_metrics,
 )
+from tests.hovernet_reference import get_fast_aji, get_fast_pq, remap_label
 
 KEYS = (
     "pixel_f1",
@@ -153,60 +155,24 @@ def test_bad_inputs_raise() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent, loop-based AJI and PQ following HoVer-Net's get_fast_aji / get_fast_pq
+# Against HoVer-Net's get_fast_aji / get_fast_pq (tests/hovernet_reference.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def _remap(labels: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(labels)
-    for new, old in enumerate(i for i in np.unique(labels) if i != 0):
-        out[labels == old] = new + 1
-    return out
-
-
-def _pairwise(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n_t, n_p = int(true.max()), int(pred.max())
-    inter = np.zeros((n_t, n_p))
-    union = np.zeros((n_t, n_p))
-    for t in range(1, n_t + 1):
-        t_mask = true == t
-        for p in np.unique(pred[t_mask]):
-            if p == 0:
-                continue
-            p_mask = pred == p
-            inter[t - 1, p - 1] = np.sum(t_mask & p_mask)
-            union[t - 1, p - 1] = np.sum(t_mask | p_mask)
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    return inter, union, iou
-
-
-def loop_aji(true: np.ndarray, pred: np.ndarray) -> float:
-    true, pred = _remap(true), _remap(pred)
-    inter, union, iou = _pairwise(true, pred)
-    c = u = 0.0
-    used: set[int] = set()
-    paired_true: set[int] = set()
-    for t in range(iou.shape[0]):
-        if iou.shape[1] == 0 or iou[t].max() <= 0:
-            continue
-        p = int(np.argmax(iou[t]))
-        c, u = c + inter[t, p], u + union[t, p]
-        used.add(p)
-        paired_true.add(t)
-    u += sum(np.sum(true == t + 1) for t in range(iou.shape[0]) if t not in paired_true)
-    u += sum(np.sum(pred == p + 1) for p in range(iou.shape[1]) if p not in used)
-    return c / u
-
-
-def loop_pq(true: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
-    true, pred = _remap(true), _remap(pred)
-    _, _, iou = _pairwise(true, pred)
-    paired = [(t, p) for t in range(iou.shape[0]) for p in range(iou.shape[1]) if iou[t, p] > 0.5]
-    tp = len(paired)
-    fp, fn = iou.shape[1] - tp, iou.shape[0] - tp
-    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
-    sq = sum(iou[t, p] for t, p in paired) / tp if tp else 0.0
-    return dq, sq, dq * sq
+def assert_as_hovernet(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """kseg's AJI, DQ, SQ, PQ and TP / FP / FN equal HoVer-Net's on remapped ids."""
+    m = segmentation_metrics(pred, gt)
+    true, guess = remap_label(gt), remap_label(pred)
+    assert m["aji"] == pytest.approx(get_fast_aji(true, guess), abs=1e-12)
+    (dq, sq, pq), (paired_true, _, unpaired_true, unpaired_pred) = get_fast_pq(true, guess)
+    tp = len(paired_true)
+    assert (m["tp"], m["fp"], m["fn"]) == (tp, len(unpaired_pred), len(unpaired_true))
+    assert m["dq"] == pytest.approx(dq, abs=1e-12)
+    # HoVer-Net divides the IoU sum by TP + 1e-6; with that undone, SQ and PQ agree to rounding.
+    exact = (tp + 1.0e-6) / tp if tp else 1.0
+    assert m["sq"] == pytest.approx(sq * exact, abs=1e-12)
+    assert m["pq"] == pytest.approx(pq * exact, abs=1e-12)
+    return m
 
 
 def random_instances(rng: np.random.Generator, shape: tuple[int, int], n: int) -> np.ndarray:
@@ -221,7 +187,7 @@ def random_instances(rng: np.random.Generator, shape: tuple[int, int], n: int) -
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_aji_and_pq_match_loop_implementation(seed: int) -> None:
+def test_aji_and_pq_match_hovernet_on_random_labels(seed: int) -> None:
     rng = np.random.default_rng(seed)
     gt = random_instances(rng, (96, 128), 40)
     # Prediction: the truth shifted by a pixel or two, with dropped, merged and extra objects.
@@ -233,13 +199,119 @@ def test_aji_and_pq_match_loop_implementation(seed: int) -> None:
     extra = random_instances(rng, pred.shape, 8) + 1000
     pred = np.where((pred == 0) & (extra > 1000), extra, pred)
 
-    m = segmentation_metrics(pred, gt)
-    assert m["aji"] == pytest.approx(loop_aji(gt, pred), abs=1e-12)
-    dq, sq, pq = loop_pq(gt, pred)
-    assert (m["dq"], m["sq"], m["pq"]) == pytest.approx((dq, sq, pq), abs=1e-12)
+    m = assert_as_hovernet(pred, gt)
     assert m["object_f1"] == pytest.approx(m["dq"])  # same matching, same formula
     assert 0 < m["pq"] < 1
     assert aggregated_jaccard_index(pred, gt) == m["aji"]
+
+
+def _erode(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Each nucleus loses its outer ring of pixels ``steps`` times (touching ones separate)."""
+    for _ in range(steps):
+        labels = labels * (ndi.minimum_filter(labels, 3) == ndi.maximum_filter(labels, 3))
+    return labels
+
+
+def _dilate(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Each nucleus grows into the background ``steps`` times (the larger id wins a contact)."""
+    for _ in range(steps):
+        labels = np.where(labels == 0, ndi.maximum_filter(labels, 3), labels)
+    return labels
+
+
+def _split(labels: np.ndarray, rng: np.random.Generator, share: float) -> np.ndarray:
+    """About ``share`` of the nuclei cut in two at the centroid column (new ids on the right)."""
+    out = labels.astype(np.int64)
+    top = int(out.max())
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or rng.random() > share:
+            continue
+        inst = labels[sl] == i
+        right = inst & (np.arange(inst.shape[1])[None, :] > np.nonzero(inst)[1].mean())
+        top += 1
+        out[sl][right] = top
+    return out
+
+
+def _merge(labels: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` nuclei given the id of their nearest neighbour (centroids): under-segmentation."""
+    ids = np.unique(labels)[1:]
+    centres = np.array(ndi.center_of_mass(np.ones(labels.shape), labels, ids))
+    out = labels.copy()
+    for k in rng.choice(len(ids), n, replace=False):
+        dist = np.hypot(*(centres - centres[k]).T)
+        dist[k] = np.inf
+        out[labels == ids[k]] = ids[int(np.argmin(dist))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tnbc_truths(tnbc_dir) -> list[np.ndarray]:
+    """Instance labels of one TNBC tile of each of 4 patients (8-connected components of GT)."""
+    from PIL import Image
+
+    from kseg.data.prepare import to_labels
+
+    out = []
+    for name in ("01/01_1", "04/04_1", "07/07_3", "10/10_1"):  # 69 to 297 nuclei
+        patient, tile = name.split("/")
+        path = tnbc_dir / f"GT_{patient}" / f"{tile}.png"
+        if not path.is_file():
+            pytest.skip(f"{path} not found")
+        with Image.open(path) as img:
+            out.append(to_labels(np.asarray(img))[0])
+    return out
+
+
+def test_aji_and_pq_match_hovernet_on_perturbed_tnbc_truth(tnbc_truths: list) -> None:
+    """Real nuclei against the errors a segmenter makes: too small, too big, split, merged."""
+    rng = np.random.default_rng(0)
+    for gt in tnbc_truths:
+        assert gt.max() > 20
+        cases = {
+            "eroded": _erode(gt, 2),
+            "dilated": _dilate(gt, 3),
+            "split": _split(gt, rng, 0.4),
+            "merged": _merge(gt, rng, 8),
+            "shifted": np.roll(gt, (2, -3), axis=(0, 1)),
+            "everything": _split(_merge(_dilate(_erode(gt, 1), 2), rng, 5), rng, 0.2),
+        }
+        scores = {name: assert_as_hovernet(pred, gt) for name, pred in cases.items()}
+        assert assert_as_hovernet(gt, gt)["aji"] == 1.0
+        # Each error lowers the scores, and the matching sees it: splits and merges add FP / FN.
+        assert all(m["aji"] < 1 and m["pq"] < 1 for m in scores.values())
+        assert scores["split"]["fp"] > 0 and scores["merged"]["fn"] > 0
+
+
+def test_iou_exactly_one_half_is_not_a_match() -> None:
+    """The convention, pinned: kseg and HoVer-Net match at IoU > 0.5, StarDist at IoU >= 0.5.
+
+    A 30 x 30 nucleus and a prediction shifted by 10 px: intersection 600, union 1200, IoU 0.5
+    exactly (pixel grids hit it; a nucleus split into equal halves is another case). No match:
+    TP 0, PQ 0 (StarDist would report TP 1, PQ 0.5). Shifted by 9 px: IoU 630 / 1170 > 0.5, a match.
+    """
+    gt = np.zeros((50, 60), np.int32)
+    gt[10:40, 10:40] = 1
+    half = np.roll(gt, 10, axis=1) * 4
+    m = assert_as_hovernet(half, gt)
+    assert (m["tp"], m["fp"], m["fn"], m["pq"]) == (0.0, 1.0, 1.0, 0.0)
+    assert m["aji"] == 0.5  # AJI has no threshold
+    assert object_scores(half, gt)["tp"] == 0.0
+    above = assert_as_hovernet(np.roll(gt, 9, axis=1), gt)
+    assert above["tp"] == 1.0 and above["pq"] == pytest.approx(630 / 1170)
+
+
+def test_aji_tie_goes_to_the_larger_pair_as_hovernet() -> None:
+    """Two predictions with the same IoU 0.2 with a truth of 200 px: HoVer-Net's
+    inter / (union + 1e-6) prefers the larger pair (inter 100, union 500) over the lower id
+    (inter 50, union 250). AJI = 100 / (500 + 100), not 50 / (250 + 400)."""
+    gt = np.zeros((40, 60), np.int32)
+    gt[5:15, 5:25] = 1
+    pred = np.zeros_like(gt)
+    pred[5:15, 5:10], pred[15:20, 5:15] = 1, 1  # 50 px inside the truth, 50 outside
+    pred[5:15, 15:25], pred[20:35, 5:25] = 2, 2  # 100 px inside, 300 outside
+    m = assert_as_hovernet(pred, gt)
+    assert m["aji"] == pytest.approx(100 / 600)
 
 
 def test_many_nuclei_and_sparse_ids() -> None:

@@ -151,11 +151,39 @@ def test_attention_gate_rejects_mismatched_sizes():
         gate(torch.randn(1, 4, 10, 10), torch.randn(1, 8, 4, 4))
 
 
-def test_batch_norm_act_reduced_precision_uses_the_plain_ops():
-    x = torch.randn(2, 4, 6, 6, generator=_gen(17)).bfloat16()
-    bn, ref = torch.nn.BatchNorm2d(4).train(), torch.nn.BatchNorm2d(4).train()
-    torch.testing.assert_close(batch_norm_act(x, bn, "relu"), F.relu(ref(x)))
-    torch.testing.assert_close(bn.running_var, ref.running_var)
+@pytest.mark.parametrize("act", ["none", "relu", "prelu"])  # every activation the models use
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])  # a bfloat16 tensor, or float32 under autocast
+@pytest.mark.parametrize("channels", [None, slice(4, 8)])  # the DiCE block's 3C BatchNorm slices
+def test_batch_norm_act_reduced_precision_uses_the_plain_ops(act, train, autocast, channels):
+    # CPU bfloat16 stands in for CUDA AMP (CI has no GPU): the hand-written kernels are bypassed
+    # and the plain ops run, with the float32 PReLU slopes cast to the activation's dtype.
+    x32 = torch.randn(2, 4, 6, 6, generator=_gen(17))
+    x = x32 if autocast else x32.bfloat16()
+    width = 12 if channels is not None else 4
+    bn = torch.nn.BatchNorm2d(width).train(train)
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        bn.running_mean.copy_(torch.randn(width, generator=_gen(18)))
+        bn.running_var.copy_(torch.rand(width, generator=_gen(19)) + 0.5)
+        bn.weight.copy_(torch.rand(width, generator=_gen(20)) + 0.5)
+        bn.bias.copy_(torch.randn(width, generator=_gen(21)))
+    ref_bn, f32_bn = copy.deepcopy(bn), copy.deepcopy(bn)
+    a = (torch.rand(4, generator=_gen(22)) * 0.5).requires_grad_()  # nn.PReLU slopes are float32
+    slopes = a if act == "prelu" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = batch_norm_act(x, bn, act, slopes, channels)
+        ref = _plain(x, ref_bn, act, a.detach().to(x.dtype) if act == "prelu" else None, channels)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+    # The same computation in float32: equal up to bfloat16 rounding, so the activation really is
+    # applied (negative values scaled by the slopes for prelu, zeroed for relu, kept for none).
+    expect = _plain(x32, f32_bn, act, a.detach() if act == "prelu" else None, channels)
+    torch.testing.assert_close(out.float(), expect, rtol=0.02, atol=0.05)
+    if act == "prelu":  # the slopes learn in reduced precision too, with a float32 gradient
+        out.float().square().sum().backward()
+        assert a.grad is not None and a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
 
 
 def test_fused_eval_kernels_equal_the_eager_ops(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,8 @@ from kseg.config import PrepareConfig, SplitConfig, SyntheticConfig, params_from
 from kseg.data.prepare import discover, prepare, tile_stats, to_labels, to_rgb
 from kseg.data.splits import assign_patients
 from kseg.data.synthetic import generate
-from kseg.data.targets import distance_target
+from kseg.data.targets import distance_target, instance_distance
+from tests.distance_oracle import brute_force_target, disk, touching_squares
 
 SMALL = SyntheticConfig(seed=3, n_patients=5, tiles_per_patient=2, tile_size=64,
                         nuclei_per_tile=(6, 10), nucleus_radius=(4.0, 7.0))  # fmt: skip
@@ -113,6 +114,10 @@ def test_prepare_synthetic_exact_labels_targets_and_split(synth: Path) -> None:
         dist = np.load(out / "dist" / f"{tile.tile_id}.npy")
         assert dist.dtype == np.float32
         np.testing.assert_array_equal(dist, distance_target(original))
+        # ... and that is the per-nucleus distance, scaled to 255 per tile, of the definition (the
+        # synthetic nuclei touch, so one EDT of the whole foreground would differ by > 100).
+        np.testing.assert_allclose(dist, brute_force_target(original), rtol=1e-5, atol=1e-3)
+        assert dist.max() == pytest.approx(255.0)
         image = np.asarray(Image.open(out / "images" / f"{tile.tile_id}.png"))
         np.testing.assert_array_equal(image, np.asarray(Image.open(tile.image).convert("RGB")))
     assert (man["n_nuclei"] == man["max_label"]).all() and (man["mask_kind"] == "instance").all()
@@ -130,6 +135,37 @@ def test_prepare_synthetic_exact_labels_targets_and_split(synth: Path) -> None:
     before = (out / "manifest.csv").read_bytes(), (out / "split.json").read_bytes()
     prepare(small_params(synth))
     assert ((out / "manifest.csv").read_bytes(), (out / "split.json").read_bytes()) == before
+
+
+@pytest.mark.parametrize("radius", [1, 4, 10])
+def test_distance_target_of_a_disk_is_known(radius: int) -> None:
+    labels, row = disk(radius)
+    c = labels.shape[0] // 2
+    dist = instance_distance(labels)
+    np.testing.assert_allclose(dist[c, c : c + radius + 1], row, rtol=1e-6)
+    np.testing.assert_allclose(dist[c, c - radius : c + 1], row[::-1], rtol=1e-6)
+    assert dist[labels == 0].max() == 0.0
+    # Per-tile min-max to 0..255: the centre is 255 whatever the radius.
+    target = distance_target(labels)
+    np.testing.assert_allclose(target[c, c : c + radius + 1], 255 * row / row[0], rtol=1e-6)
+
+
+def test_distance_target_touching_nuclei_keep_a_valley() -> None:
+    labels, known = touching_squares()
+    np.testing.assert_allclose(distance_target(labels), known, rtol=1e-6)
+    # The valley: both sides of the contact are border pixels (85), not the interior 170 or 255.
+    assert distance_target(labels)[4, 8] == distance_target(labels)[4, 9] == pytest.approx(85.0)
+
+
+def test_distance_target_border_nucleus_and_empty_tile() -> None:
+    # The image border counts as the nucleus boundary: a 3-pixel column along the left edge has
+    # 1, 2, 1 across it (not 3, 2, 1 as if the nucleus went on beyond the image).
+    labels = np.zeros((9, 7), np.uint16)
+    labels[1:8, 0:3] = 5
+    np.testing.assert_allclose(instance_distance(labels)[4, :4], [1.0, 2.0, 1.0, 0.0])
+    np.testing.assert_allclose(distance_target(labels), brute_force_target(labels), rtol=1e-6)
+    empty = distance_target(np.zeros((5, 5), np.uint16))
+    assert empty.dtype == np.float32 and not empty.any()
 
 
 def test_explicit_test_patients_and_unknown_patient(synth: Path) -> None:

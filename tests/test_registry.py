@@ -197,12 +197,17 @@ def test_worse_model_stays_challenger_and_better_one_takes_the_alias(
         assert "kseg_model/model.pt" in run_files
 
 
+def _evaluate(folder: Path, model: Path) -> dict:
+    """A real ``kseg evaluate`` of ``model`` on the project's test split; returns eval.json."""
+    run_stage("evaluate", folder, "--model", str(model))
+    return json.loads((folder / "metrics" / "eval.json").read_text())
+
+
 def test_champion_scored_on_another_split(tmp_path: Path, models: list[Path]) -> None:
     """Refused with a clear message, or re-scored on this split (never compared across splits)."""
-    from kseg.registry import score_model
-
     folder = _project(tmp_path / "proj", {"on_split_mismatch": "refuse"})
     with _tracking(f"sqlite:///{folder / 'mlflow.db'}"):
+        on_first_split = _evaluate(folder, models[0])["aji"]
         _register(folder, models[0], 0.9)
         shutil.rmtree(folder / "prepared")
         _write_prepared(folder, [3, 4, 5])  # another test split
@@ -213,10 +218,16 @@ def test_champion_scored_on_another_split(tmp_path: Path, models: list[Path]) ->
 
         write_params(folder, {"register": {"on_split_mismatch": "reevaluate"}})
         report = _register(folder, models[1], 0.95)
-    expected = score_model(models[0], folder / "prepared", "aji")
+        # What `kseg evaluate` says of the champion on the new split, not what register's own
+        # scoring function says: re-scoring must be the evaluate stage's AJI, tile for tile.
+        evaluated = _evaluate(folder, models[0])
+    assert evaluated["model_sha256"] == model_digest(models[0]) and evaluated["n_tiles"] == 3
     assert report["champion_value_source"] == "re-evaluated on this test split"
-    assert report["champion_value_before"] == pytest.approx(expected, abs=1e-12)
-    assert expected != 0.9 and report["decision"] == "champion"  # 0.95 beats an untrained model
+    assert report["champion_value_before"] == pytest.approx(evaluated["aji"], abs=1e-12)
+    # The champion really scores differently here than on its own split (and than 0.9), so a
+    # stale value could not pass; 0.95 beats an untrained model.
+    assert evaluated["aji"] != pytest.approx(on_first_split, abs=1e-6)
+    assert evaluated["aji"] != 0.9 and report["decision"] == "champion"
 
 
 def test_interrupted_registration_leaves_the_alias_and_a_rerun_finishes_it(

@@ -239,13 +239,35 @@ def test_logs_to_a_real_mlflow_server(
     assert not (project / "mlflow.db").exists()
 
 
-def test_fingerprint_covers_code_and_torch_version(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fingerprint_covers_code_and_torch_version(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import shutil
+
     from kseg import train as train_mod
     from kseg.config import load_params
 
     params = load_params(REPO / "params.yaml")
     first = train_mod.fingerprint(params, [])
     assert train_mod.fingerprint(params, []) == first  # stable
+    # code_digest hashes the sources beside train.py: point it at a copy of the package.
+    copy = shutil.copytree(Path(train_mod.__file__).parent, tmp_path / "kseg",
+                           ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    monkeypatch.setattr(train_mod, "__file__", str(copy / "train.py"))
+    assert train_mod.fingerprint(params, []) == first  # same bytes elsewhere: same job
+    # One byte of a source in a subpackage (the ops the model trains with) moves it ...
+    source = copy / "model" / "ops.py"
+    original = source.read_bytes()
+    at = original.index(b"def prelu") + len("def ")
+    source.write_bytes(original[:at] + b"q" + original[at + 1 :])  # def prelu -> def qrelu
+    changed = train_mod.fingerprint(params, [])
+    assert changed != first
+    source.write_bytes(original)
+    assert train_mod.fingerprint(params, []) == first  # ... and back
+    # A new module changes what runs too.
+    (copy / "model" / "extra.py").write_text("X = 1\n")
+    assert train_mod.fingerprint(params, []) not in (first, changed)
+    (copy / "model" / "extra.py").unlink()
     monkeypatch.setattr(train_mod.torch, "__version__", "0.0.0-other")
     assert train_mod.fingerprint(params, []) != first
 

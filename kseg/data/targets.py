@@ -59,7 +59,8 @@ def normalized_distance(labels: NDArray[np.integer]) -> NDArray[np.float32]:
     dist = instance_distance(labels)
     if not labels.any():
         return dist
-    peak = ndi.maximum(dist, labels, index=np.arange(labels.max() + 1))
+    # int(): labels.max() + 1 would wrap to 0 for a uint16 label 65535 (the largest prepare writes).
+    peak = ndi.maximum(dist, labels, index=np.arange(int(labels.max()) + 1))
     peak = np.asarray(peak, np.float32)
     peak[peak <= 0] = 1.0
     return dist / peak[labels]
