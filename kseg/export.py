@@ -94,9 +94,7 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
     if (folder / "stain.json").is_file():
         stain = json.loads((folder / "stain.json").read_text())
     channels = (
-        ["foreground_logit", "normalised_distance_logit"]
-        if cfg.head == "fg_dist"
-        else ["distance"]
+        ["foreground_logit", "normalised_distance_logit"] if cfg.head == "fg_dist" else ["distance"]
     )
     if size is None:
         shape_note = "H and W dynamic, any multiples of 8"

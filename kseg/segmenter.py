@@ -101,9 +101,7 @@ class Segmenter:
             if precision is not None and runtime != "auto":
                 raise ValueError(f"--runtime {runtime}: float32 only (got dtype {dtype})")
             if precision is None:
-                runtime, net = choose_runtime(
-                    runtime, folder, model, model_cfg.window, device.type
-                )
+                runtime, net = choose_runtime(runtime, folder, model, model_cfg.window, device.type)
             else:
                 runtime = "torch"
         return cls(

@@ -133,8 +133,9 @@ files = {"kseg.json": ""}
 m = torch.jit.load(ts_path, map_location="cpu", _extra_files=files)
 with torch.no_grad():
     b = m(torch.from_numpy(x)).numpy()
-print(json.dumps({"onnx": a.tolist(), "ts": b.tolist(), "head": json.loads(files["kseg.json"])["output"]["head"],
-                  "kseg_loaded": "kseg" in sys.modules}))
+head = json.loads(files["kseg.json"])["output"]["head"]
+res = {"onnx": a.tolist(), "ts": b.tolist(), "head": head, "kseg_loaded": "kseg" in sys.modules}
+print(json.dumps(res))
 """
 
 
@@ -202,7 +203,7 @@ def test_kidney_segnet_export_matches_torch(kernels: str, tmp_path: Path) -> Non
         assert meta["input"]["height"] == 64 and "per-position" in meta["input"]["shape_note"]
         with pytest.raises(ExportError, match="tile size 64 only"):
             export_model(folder, "onnx", tmp_path / "other.onnx", size=128)
-        with pytest.raises(Exception, match="(?i)dimension|shape|index"):
+        with pytest.raises(Exception, match=r"(?i)dimension|shape|index"):
             session.run(None, {"input": np.zeros((1, 3, 48, 80), np.float32)})
     else:
         assert meta["input"]["height"] == "dynamic"
