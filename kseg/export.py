@@ -40,6 +40,7 @@ from kseg.fsutil import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
+EXPORTERS = ("auto", "legacy", "dynamo")
 METADATA_KEY = "kseg"
 TORCHSCRIPT_EXTRA = "kseg.json"
 ONNX_OPSET = 18
@@ -176,7 +177,38 @@ def load_network(folder: Path) -> tuple[torch.nn.Module, Any]:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    fold_conv_batchnorms(model)
     return model, cfg
+
+
+def fold_conv_batchnorms(model: torch.nn.Module) -> int:
+    """Folds the BatchNorm of every eval-mode ``ConvBNReLU`` block into its conv, in place.
+
+    The U-Net's blocks. Kidney-SegNet's fast path folds its own BatchNorms in its eval forward
+    (and reads them there, so they stay). Exporters and runtimes may fold them too, but not all
+    do it alike, so the exported graph gets the folded convs from here. Returns the number of
+    BatchNorms folded.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from kseg.model.blocks import ConvBNReLU
+
+    folded = 0
+    for seq in model.modules():
+        if not isinstance(seq, ConvBNReLU):
+            continue
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if (
+                type(conv) is torch.nn.Conv2d
+                and type(bn) is torch.nn.BatchNorm2d
+                and bn.running_mean is not None
+                and not bn.training
+            ):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = torch.nn.Identity()
+                folded += 1
+    return folded
 
 
 def export_model(
@@ -185,6 +217,7 @@ def export_model(
     out: str | Path,
     size: int | None = None,
     opset: int = ONNX_OPSET,
+    exporter: str = "auto",
 ) -> dict[str, Any]:
     """Exports the network of a kseg model folder to ``out`` (atomic) plus ``<out>.json``.
 
@@ -195,6 +228,10 @@ def export_model(
         size: Fixed window edge for the export; default: dynamic H, W where the network is
             size-agnostic, else its ``tile_size`` (and a different ``size`` is refused).
         opset: ONNX opset version.
+        exporter: ONNX exporter: ``legacy`` (torch's TorchScript-based ``torch.onnx.export(...,
+            dynamo=False)``: seconds), ``dynamo`` (the ``torch.export``-based one: 10-70 s for
+            these networks on one core, see docs/model.md) or ``auto`` = legacy while torch has
+            it, else dynamo. Both give the same function (tests compare them with torch).
 
     Returns:
         The metadata written with the file.
@@ -206,6 +243,8 @@ def export_model(
     folder, out = Path(folder), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r}: expected one of {list(EXPORTERS)}")
     net, cfg = load_network(folder)
     dynamic = is_size_agnostic(cfg) and size is None
     if not is_size_agnostic(cfg):
@@ -219,12 +258,13 @@ def export_model(
         raise ExportError(f"--size {size}: must be a positive multiple of 8")
     meta = export_metadata(folder, cfg, fmt, None if dynamic else size)
     example_size = size or min(cfg.window, 256)
-    example = torch.zeros(1, 3, example_size, example_size)
+    # Batch 2: torch.export specializes a dimension whose example value is 0 or 1.
+    example = torch.zeros(2, 3, example_size, example_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Exported(net).eval()
     try:
         if fmt == "onnx":
-            _export_onnx(wrapper, example, out, meta, dynamic, opset)
+            _export_onnx(wrapper, example, out, meta, dynamic, opset, exporter)
         else:
             _export_torchscript(wrapper, example, out, meta)
     except ExportError:
@@ -248,6 +288,7 @@ def _export_onnx(
     meta: dict[str, Any],
     dynamic: bool,
     opset: int,
+    exporter: str,
 ) -> None:
     try:
         import onnx
@@ -255,30 +296,13 @@ def _export_onnx(
         raise ExportError(
             "ONNX export needs the optional packages: pip install 'kseg[onnx]'"
         ) from err
-    from torch.export import Dim
-
-    batch = Dim("batch", min=1, max=1024)
-    shape: dict[int, Any] = {0: batch}
-    if dynamic:
-        # H = 8 h, W = 8 w: three 2x poolings need multiples of 8.
-        shape[2] = 8 * Dim("h8", min=1, max=1024)
-        shape[3] = 8 * Dim("w8", min=1, max=1024)
-    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "model.onnx"
-        program = torch.onnx.export(
-            module,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({k: v for k, v in shape.items()},),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
-        program.save(str(raw), external_data=False)
-        proto = onnx.load(str(raw))
+    if exporter == "auto":
+        exporter = "legacy" if _has_legacy_exporter() else "dynamo"
+    with torch.no_grad():
+        if exporter == "legacy":
+            proto = onnx.load_model_from_string(_legacy_onnx(module, example, dynamic, opset))
+        else:
+            proto = _dynamo_onnx(module, example, dynamic, opset)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
@@ -286,6 +310,71 @@ def _export_onnx(
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp_out:
         onnx.save(proto, str(tmp_out))
+
+
+def _has_legacy_exporter() -> bool:
+    """Whether this torch still has the TorchScript-based ONNX exporter (deprecated in 2.9)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _legacy_onnx(
+    module: torch.nn.Module, example: torch.Tensor, dynamic: bool, opset: int
+) -> bytes:
+    """The serialized model from ``torch.onnx.export(..., dynamo=False)`` (jit trace based)."""
+    import io
+    import warnings
+
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The deprecation notice, and trace warnings about the networks' shape checks (Python
+        # ints during a trace): the checks hold for every multiple-of-8 size the export admits.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            (example,),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return buf.getvalue()
+
+
+def _dynamo_onnx(module: torch.nn.Module, example: torch.Tensor, dynamic: bool, opset: int) -> Any:
+    """The ONNX ``ModelProto`` from the ``torch.export``-based exporter."""
+    import onnx
+    from torch.export import Dim
+
+    shape: dict[int, Any] = {0: Dim("batch", min=1, max=1024)}
+    if dynamic:
+        # H = 8 h, W = 8 w: three 2x poolings need multiples of 8.
+        shape[2] = 8 * Dim("h8", min=1, max=1024)
+        shape[3] = 8 * Dim("w8", min=1, max=1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=(shape,),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(raw), external_data=False)
+        return onnx.load(str(raw))
 
 
 def _export_torchscript(
