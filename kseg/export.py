@@ -44,6 +44,8 @@ EXPORTERS = ("auto", "legacy", "dynamo")
 METADATA_KEY = "kseg"
 TORCHSCRIPT_EXTRA = "kseg.json"
 ONNX_OPSET = 18
+#: Bumped when the exported graph changes for the same weights (invalidates cached exports).
+EXPORT_VERSION = 2
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
@@ -380,7 +382,12 @@ def _dynamo_onnx(module: torch.nn.Module, example: torch.Tensor, dynamic: bool, 
 def _export_torchscript(
     module: torch.nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]
 ) -> None:
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # The networks' shape checks read Python ints during the trace; they hold for every
+        # size the export admits (multiples of 8, or the one tile size).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, (example,), check_trace=False, strict=True)
         frozen = torch.jit.freeze(traced.eval())
     with atomic_path(out) as tmp_out:

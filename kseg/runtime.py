@@ -50,7 +50,9 @@ def _importable(name: str) -> bool:
 
 def installed_runtimes() -> list[str]:
     """The runtimes usable in this environment (torch always; the others need ``kseg[onnx]``)."""
-    exporter = _importable("onnx") and _importable("onnxscript")
+    # The export needs the onnx package (and onnxscript for torch.export-based exports, which
+    # export_model uses only where torch lacks the legacy exporter).
+    exporter = _importable("onnx")
     out = ["torch"]
     out += [name for name, pkg in _PACKAGES.items() if exporter and _importable(pkg)]
     return out
@@ -113,10 +115,12 @@ class OpenVinoNet:
 
 def cached_onnx(folder: str | Path) -> Path:
     """The ONNX export of a model folder, exported once and cached by the weights' digest."""
-    from kseg.export import _weights_digest, export_model
+    from kseg.export import EXPORT_VERSION, _weights_digest, export_model
 
     folder = Path(folder)
-    key = _weights_digest(folder)[:20] + f"-torch{torch.__version__.split('+')[0]}"
+    # Same weights, same torch, same export code (EXPORT_VERSION): the same file.
+    torch_version = torch.__version__.split("+")[0]
+    key = f"{_weights_digest(folder)[:20]}-torch{torch_version}-v{EXPORT_VERSION}"
     path = cache_root() / "onnx" / f"{key}.onnx"
     if not path.is_file():
         log.info("exporting %s to ONNX (once; cached in %s)", folder, path.parent)
@@ -136,7 +140,7 @@ def load_runtime(name: str, folder: str | Path, net: torch.nn.Module) -> Callabl
         return net
     if name not in installed_runtimes():
         raise ValueError(
-            f"--runtime {name}: {_PACKAGES[name]} (with onnx and onnxscript for the export) is "
+            f"--runtime {name}: {_PACKAGES[name]} (with onnx for the export) is "
             f"not installed; {_EXTRA_HINT}"
         )
     path = cached_onnx(folder)
