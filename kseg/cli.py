@@ -411,8 +411,8 @@ def predict(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="torch, onnx, openvino (pip install 'kseg[onnx]') or auto = the fastest "
-            "installed one, measured once on this CPU (default: $KSEG_RUNTIME or auto)."
+            help="torch, onnx (pip install 'kseg[onnx]'), openvino ('kseg[openvino]') or auto = "
+            "the fastest installed one, measured once on this CPU (default: $KSEG_RUNTIME or auto)."
         ),
     ] = None,
 ) -> None:

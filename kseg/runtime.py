@@ -2,10 +2,10 @@
 
 ``torch`` is kseg's eager fast path. ``onnx`` and ``openvino`` run the model's ONNX export
 (:mod:`kseg.export`, cached under ``$KSEG_CACHE_DIR`` or ``~/.cache/kseg``, keyed by the weights'
-digest) and need the optional packages (``pip install 'kseg[onnx]'``). Each runtime object is
-called like the torch network: a standardized ``B x 3 x H x W`` float32 tensor in, the raw head
-``B x C x H x W`` out, so tiling, blending, test-time augmentation and post-processing
-(:func:`kseg.infer.predict_maps`) are the same code for every runtime.
+digest) and need the optional packages (``pip install 'kseg[onnx]'``, ``'kseg[openvino]'``).
+Each runtime object is called like the torch network: a standardized ``B x 3 x H x W`` float32
+tensor in, the raw head ``B x C x H x W`` out, so tiling, blending, test-time augmentation and
+post-processing (:func:`kseg.infer.predict_maps`) are the same code for every runtime.
 
 ``auto`` (the default of ``kseg predict`` and serving, or ``KSEG_RUNTIME``) measures every
 installed runtime once on one inference window of the model on this CPU, takes the fastest and
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "openvino")
 CHOICES = ("auto", *RUNTIMES)
 _PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
-_EXTRA_HINT = "pip install 'kseg[onnx]'"
+_EXTRA_HINT = {"onnx": "pip install 'kseg[onnx]'", "openvino": "pip install 'kseg[openvino]'"}
 
 
 def cache_root() -> Path:
@@ -49,7 +49,7 @@ def _importable(name: str) -> bool:
 
 
 def installed_runtimes() -> list[str]:
-    """The runtimes usable in this environment (torch always; the others need ``kseg[onnx]``)."""
+    """The runtimes usable here (torch always; the others need ``kseg[onnx]`` / ``[openvino]``)."""
     # The export needs the onnx package (and onnxscript for torch.export-based exports, which
     # export_model uses only where torch lacks the legacy exporter).
     exporter = _importable("onnx")
@@ -141,7 +141,7 @@ def load_runtime(name: str, folder: str | Path, net: torch.nn.Module) -> Callabl
     if name not in installed_runtimes():
         raise ValueError(
             f"--runtime {name}: {_PACKAGES[name]} (with onnx for the export) is "
-            f"not installed; {_EXTRA_HINT}"
+            f"not installed; {_EXTRA_HINT[name]}"
         )
     path = cached_onnx(folder)
     return OnnxRuntimeNet(path) if name == "onnx" else OpenVinoNet(path)

@@ -297,3 +297,32 @@ def test_runtime_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert Segmenter.from_folder(pretrained_model(), runtime="auto").runtime == "torch"
     with pytest.raises(ExportError, match="--format 'tflite'"):
         export_model(pretrained_model(), "tflite", tmp_path / "x")
+
+
+def test_serving_runtime_onnx_answers_as_torch(
+    tnbc_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served pyfunc takes the runtime from its model_config (or KSEG_RUNTIME)."""
+    import base64
+    import io
+    import types
+
+    import pandas as pd
+
+    from kseg.serving import ARTIFACT_KEY, KsegPyfunc
+
+    monkeypatch.setenv("KSEG_CACHE_DIR", str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    Image.fromarray(_tile(tnbc_dir, TILES[1])[:256, :320]).save(buf, format="PNG")
+    request = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+    answers = {}
+    for runtime in ("torch", "onnx"):
+        model = KsegPyfunc()
+        context = types.SimpleNamespace(
+            artifacts={ARTIFACT_KEY: str(pretrained_model())}, model_config={"runtime": runtime}
+        )
+        model.load_context(context)
+        assert model.segmenter.runtime == runtime
+        answers[runtime] = model.predict(None, request)
+    assert answers["torch"]["n_nuclei"][0] > 5
+    assert answers["onnx"].equals(answers["torch"])
