@@ -68,6 +68,12 @@ def shipped_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return paths
 
 
+@pytest.fixture(scope="session")
+def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One KSEG_CACHE_DIR for the runtime tests: the shipped model is exported to ONNX once."""
+    return tmp_path_factory.mktemp("kseg_cache")
+
+
 def _standardized(folder: Path, rgb: np.ndarray) -> torch.Tensor:
     return Preprocess.load(folder).to_tensor(rgb)
 
@@ -242,11 +248,11 @@ def test_kidney_segnet_export_matches_torch(kernels: str, tmp_path: Path) -> Non
 
 
 def test_predict_runtime_onnx_gives_the_torch_label_images_on_tnbc(
-    tnbc_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tnbc_dir: Path, tmp_path: Path, runtime_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tifffile
 
-    monkeypatch.setenv("KSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KSEG_CACHE_DIR", str(runtime_cache))
     tiles = [str(tnbc_dir / t) for t in TILES]
     labels = {}
     runtimes = ["torch", "onnx"] + (["openvino"] if _has("openvino") else [])
@@ -257,7 +263,7 @@ def test_predict_runtime_onnx_gives_the_torch_label_images_on_tnbc(
         )
         assert result.exit_code == 0, result.output
         labels[runtime] = [tifffile.imread(out / f"{Path(t).stem}_labels.tif") for t in tiles]
-    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
+    assert len(list((runtime_cache / "onnx").glob("*.onnx"))) == 1  # exported once, cached
     for runtime in runtimes[1:]:
         for want, got in zip(labels["torch"], labels[runtime], strict=True):
             assert want.max() > 5
@@ -267,22 +273,24 @@ def test_predict_runtime_onnx_gives_the_torch_label_images_on_tnbc(
 
 
 def test_runtime_auto_measures_once_and_remembers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kseg.runtime import installed_runtimes
     from kseg.segmenter import Segmenter
 
-    monkeypatch.setenv("KSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KSEG_CACHE_DIR", str(runtime_cache))
+    memo_path = runtime_cache / "runtime_choice.json"
+    memo_path.unlink(missing_ok=True)  # measured in this test, whatever ran before
     installed = installed_runtimes()
     assert installed[:2] == ["torch", "onnx"]
     seg = Segmenter.from_folder(pretrained_model(), runtime="auto")
-    memo = json.loads((tmp_path / "runtime_choice.json").read_text())
+    memo = json.loads(memo_path.read_text())
     (entry,) = memo.values()
     assert set(entry["seconds"]) == set(installed)
     assert entry["runtime"] == seg.runtime == min(entry["seconds"], key=entry["seconds"].get)
     again = Segmenter.from_folder(pretrained_model(), runtime="auto")
     assert again.runtime == seg.runtime
-    assert json.loads((tmp_path / "runtime_choice.json").read_text()) == memo  # not re-measured
+    assert json.loads(memo_path.read_text()) == memo  # not re-measured
 
 
 def test_runtime_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,7 +308,7 @@ def test_runtime_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_serving_runtime_onnx_answers_as_torch(
-    tnbc_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tnbc_dir: Path, runtime_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The served pyfunc takes the runtime from its model_config (or KSEG_RUNTIME)."""
     import base64
@@ -311,7 +319,7 @@ def test_serving_runtime_onnx_answers_as_torch(
 
     from kseg.serving import ARTIFACT_KEY, KsegPyfunc
 
-    monkeypatch.setenv("KSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KSEG_CACHE_DIR", str(runtime_cache))
     buf = io.BytesIO()
     Image.fromarray(_tile(tnbc_dir, TILES[1])[:256, :320]).save(buf, format="PNG")
     request = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
