@@ -1,7 +1,11 @@
 """``kseg export``: a model folder as an ONNX or TorchScript file that runs without kseg.
 
 The exported graph is the eval-mode network (kseg's fast path, every BatchNorm folded into the
-linear map before it or into a scale/shift, constants folded by the exporter):
+linear map before it or into a scale/shift, constants folded by the exporter). ONNX goes through
+torch's TorchScript-based exporter by default (seconds; the ``torch.export``-based one takes
+10-70 s for these networks and is used with ``exporter="dynamo"`` or once torch drops the former);
+TorchScript through ``torch.jit.trace`` + ``torch.jit.freeze``. While tracing, the network takes
+exportable forms of two eager speed-ups (:func:`kseg.model.ops.exporting`).
 
 * input ``input``: ``B x 3 x H x W`` float32, RGB standardized with the model's preprocessing
   constants, ``(rgb_0_255 - mean) / std`` (after the model's stain normalization, if any);

@@ -354,7 +354,8 @@ def _shared_kernel_conv(x: torch.Tensor, weight: torch.Tensor, pad: int, dil: in
     The same function as the depthwise conv with ``groups = N`` and the kernel broadcast, but
     written with the N channels folded into the batch: an exported graph needs a constant
     ``group``, and N (rows or columns of the input) is a dynamic size there. Used only when
-    exporting; eager torch keeps the depthwise form, which oneDNN runs faster.
+    exporting; eager torch keeps the depthwise form, which oneDNN runs 3x faster (0.06 s vs
+    0.19 s for 512 rows of 32 x 512, 2 threads).
     """
     b, n, p, q = x.shape
     out = F.conv2d(x.reshape(b * n, 1, p, q), weight, None, 1, pad, dil)
