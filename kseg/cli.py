@@ -256,14 +256,25 @@ def export_cmd(
         int | None,
         typer.Option(help="Fixed window edge (default: dynamic H, W where the network allows)."),
     ] = None,
+    exporter: Annotated[
+        str,
+        typer.Option(
+            help="ONNX exporter: legacy (TorchScript-based, seconds), dynamo (torch.export-based, "
+            "slower) or auto (legacy while torch has it)."
+        ),
+    ] = "auto",
 ) -> None:
-    """Export the network (BatchNorm folded) to ONNX or TorchScript, with its metadata."""
+    """Export the network (BatchNorm folded) to ONNX or TorchScript, with its metadata.
+
+    Kidney-SegNet with per-position DiCE kernels is exported at its tile size only (dynamic H and
+    W otherwise); docs/model.md, "Export and runtimes".
+    """
     _setup_logging()
     from kseg.export import export_model, sidecar_path
     from kseg.predict import resolve_model
 
     try:
-        meta = export_model(resolve_model(model), fmt, out, size=size)
+        meta = export_model(resolve_model(model), fmt, out, size=size, exporter=exporter)
     except (OSError, ValueError) as err:
         _fail(str(err))
     shape = meta["input"]["shape_note"]

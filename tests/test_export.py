@@ -136,8 +136,11 @@ def test_dynamo_exporter_matches_torch_too(tnbc_dir: Path, tmp_path: Path) -> No
     pytest.importorskip("onnxscript")
     folder = pretrained_model()
     out = tmp_path / "dynamo.onnx"
-    meta = export_model(folder, "onnx", out, exporter="dynamo")
-    assert meta["input"]["height"] == "dynamic"
+    result = CliRunner().invoke(
+        app, ["export", "pretrained", "--out", str(out), "--exporter", "dynamo"]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out)["input"]["height"] == "dynamic"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = _standardized(folder, _tile(tnbc_dir)[:128, :192])
     got = session.run(None, {"input": x.numpy()})[0]
@@ -338,6 +341,8 @@ def test_runtime_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert Segmenter.from_folder(pretrained_model(), runtime="auto").runtime == "torch"
     with pytest.raises(ExportError, match="--format 'tflite'"):
         export_model(pretrained_model(), "tflite", tmp_path / "x")
+    with pytest.raises(ExportError, match="--exporter 'jit'"):
+        export_model(pretrained_model(), "onnx", tmp_path / "x", exporter="jit")
 
 
 def test_serving_runtime_onnx_answers_as_torch(
