@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -423,9 +422,3 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if doc is None:
         raise ValueError(f"{path}: no kseg metadata (not written by `kseg export`?)")
     return json.loads(doc)
-
-
-def default_threads() -> int:
-    """Intra-op threads for a runtime: torch's setting (``OMP_NUM_THREADS`` or the cores)."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else torch.get_num_threads()

@@ -24,7 +24,6 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -221,8 +220,3 @@ def choose_runtime(
     except OSError as err:
         log.debug("runtime choice not cached (%s)", err)
     return name, loaded.get(name, net)
-
-
-def describe(fn: Callable[..., Any]) -> str:
-    """The runtime name of a callable made here (``torch`` for a network)."""
-    return getattr(fn, "name", "torch")

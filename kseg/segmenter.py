@@ -96,14 +96,16 @@ class Segmenter:
         precision = dtype if isinstance(dtype, torch.dtype) else amp_dtype(dtype)
         net = model
         if runtime != "torch":
-            from kseg.runtime import choose_runtime
+            from kseg.runtime import CHOICES, choose_runtime
 
-            if precision is not None and runtime != "auto":
-                raise ValueError(f"--runtime {runtime}: float32 only (got dtype {dtype})")
+            if runtime not in CHOICES:
+                raise ValueError(f"--runtime {runtime!r}: expected one of {list(CHOICES)}")
             if precision is None:
                 runtime, net = choose_runtime(runtime, folder, model, model_cfg.window, device.type)
-            else:
+            elif runtime == "auto":  # reduced precision is torch's autocast
                 runtime = "torch"
+            else:
+                raise ValueError(f"--runtime {runtime}: float32 only (got --dtype {dtype})")
         return cls(
             net,
             model_cfg,

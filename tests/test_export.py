@@ -335,6 +335,11 @@ def test_runtime_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     with pytest.raises(ValueError, match="--runtime 'tensorrt'"):
         Segmenter.from_folder(pretrained_model(), runtime="tensorrt")
+    with pytest.raises(ValueError, match="--runtime onnx: float32 only"):
+        Segmenter.from_folder(pretrained_model(), dtype="bfloat16", runtime="onnx")
+    assert Segmenter.from_folder(pretrained_model(), dtype="bfloat16", runtime="auto").runtime == (
+        "torch"
+    )
     monkeypatch.setattr(runtime, "installed_runtimes", lambda: ["torch"])
     with pytest.raises(ValueError, match=r"pip install 'kseg\[onnx\]'"):
         Segmenter.from_folder(pretrained_model(), runtime="onnx")
