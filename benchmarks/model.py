@@ -20,6 +20,11 @@ is ``ModelConfig()`` itself at 256:16.
   move (see :func:`traffic_floor`) at the measured copy bandwidth, and the MACs at the measured
   GEMM rate.
 
+With ``--runtimes`` (alone: ``--runtimes --quick`` takes about a minute), the inference runtimes
+of ``kseg predict --runtime`` get rows instead (:func:`runtime_table`): the network on one 512 tile
+and the whole segment of a 512 TNBC tile (network + watershed), for torch (kseg's fast path), ONNX
+Runtime and OpenVINO (where installed), against the original code path measured in the same run.
+
 With ``--fused``, a row runs the fast path with the opt-in compiled inference kernels
 (``KSEG_FUSED_EVAL=1``, :func:`kseg.model.ops.set_fused_eval`); its first call (compilation) is
 printed separately. GPU columns (fp32, AMP, channels_last) are added when CUDA is available.
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import best_of
@@ -254,6 +260,150 @@ def report(tile: int, nfeat: int, rows: dict[str, dict[str, float]], rates: dict
     sys.stdout.flush()
 
 
+#: TNBC tile of the segment rows (512 x 512) and its ground truth (binary mask).
+RUNTIME_TILE = ("Slide_02/02_1.png", "GT_02/02_1.png")
+
+
+def _tnbc_dir() -> Path:
+    env = os.environ.get("KSEG_SHARED")
+    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+    path = root / "data" / "TNBC_NucleiSegmentation"
+    if not path.is_dir():
+        raise SystemExit(f"{path}: TNBC data not found (set KSEG_SHARED to the shared folder)")
+    return path
+
+
+def _realistic_distance(tnbc: Path) -> Any:
+    """The tile's training target (per-nucleus distance, 0..255) from its ground truth.
+
+    The Kidney-SegNet rows use random weights (speed does not depend on them), so their own output
+    would give the watershed a meaningless map; the watershed is timed on this one instead.
+    """
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+
+    from kseg.data.targets import distance_target
+
+    gt = np.asarray(Image.open(tnbc / RUNTIME_TILE[1]).convert("L")) > 0
+    labels, _ = ndimage.label(gt)
+    return distance_target(labels)
+
+
+def runtime_child(args: argparse.Namespace) -> None:
+    """One row of :func:`runtime_table`, in its own process: prints ``{network, segment}`` s."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kseg.infer import Preprocess
+    from kseg.postprocess import dist_watershed, dist_watershed_reference
+
+    if args.runtime != "original":
+        from kseg.model import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as kseg predicts; the original row runs as it ran
+    folder, tnbc = Path(args.folder), _tnbc_dir()
+    rgb = np.asarray(Image.open(tnbc / RUNTIME_TILE[0]).convert("RGB"))
+    reps = max(args.reps, 3)
+    if args.folder_kind == "unet":
+        # The shipped U-Net, end to end as `kseg predict` runs it (standardize, window, blend,
+        # fg_dist watershed with its fitted values): network and whole segment.
+        from kseg.segmenter import Segmenter
+
+        seg = Segmenter.from_folder(folder, runtime=args.runtime)
+        x = Preprocess.load(folder).to_tensor(rgb)
+        with torch.inference_mode():
+            net_s = best_of(lambda: seg.model(x), reps, warmup=True)[0]
+        seg_s = best_of(lambda: seg.segment(rgb), reps, warmup=True)[0]
+        print(json.dumps({"network": net_s, "segment": seg_s}))
+        return
+    # Kidney-SegNet, original wiring, random weights: network on the standardized tile, then the
+    # watershed of a realistic map of that tile (original: the plain port of the original's).
+    dist = _realistic_distance(tnbc)
+    x = Preprocess.load(folder).to_tensor(rgb)
+    if args.runtime == "original":
+        from kseg.model import load_model_folder
+
+        net, _ = load_model_folder(folder, dice_impl="reference")
+        watershed = dist_watershed_reference
+    else:
+        from kseg.segmenter import Segmenter
+
+        net = Segmenter.from_folder(folder, runtime=args.runtime).model
+        watershed = dist_watershed
+    with torch.inference_mode():
+        net_s = best_of(lambda: net(x), reps, warmup=True)[0]
+    post_s = best_of(lambda: watershed(dist), reps, warmup=True)[0]
+    print(json.dumps({"network": net_s, "segment": net_s + post_s}))
+
+
+_RUNTIME_LABELS = {
+    "original": "original (reference DiCE + watershed)",
+    "torch": "torch (kseg fast path)",
+    "onnx": "ONNX Runtime (kseg export)",
+    "openvino": "OpenVINO (kseg export)",
+}
+
+
+def runtime_table(args: argparse.Namespace, nfeat: int) -> None:
+    """Rows for every installed runtime, against the original code path, this run."""
+    import tempfile
+
+    import torch
+
+    from kseg.infer import Preprocess
+    from kseg.model import build_model, save_model_folder
+    from kseg.model.config import ModelConfig
+    from kseg.predict import pretrained_model
+    from kseg.runtime import installed_runtimes
+
+    runtimes = installed_runtimes()
+    print(
+        f"load average before: {_load()}  (best of {max(args.reps or 3, 3)} x {args.rounds or 1} "
+        f"interleaved rounds, torch threads: {_threads()}, runtimes: {', '.join(runtimes)})"
+    )
+    print(
+        f"{'model':32s} | {'path':38s} | network 1 tile (s) | segment 512 tile (s) "
+        "| x vs first row (network, segment)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ModelConfig.original_compatible(nfeat=nfeat, mid_channels=8 * nfeat)
+        cfg = cfg.with_(tile_size=512, fix_aspp_adaptive_pool=True, dice_impl="fast")
+        folder = Path(tmp) / "ks"
+        torch.manual_seed(0)
+        save_model_folder(build_model(cfg).eval(), cfg, folder)
+        Preprocess().save(folder)
+        cache = Path(tmp) / "cache"  # exports made for this run, not the user's cache
+        groups = {
+            f"Kidney-SegNet nfeat {nfeat}, 512": (folder, "ks", ["original", *runtimes]),
+            "shipped TNBC U-Net (nfeat 32)": (pretrained_model(), "unet", runtimes),
+        }
+        env = {**os.environ, "KSEG_CACHE_DIR": str(cache)}
+        jobs = [(m, path, kind, rt) for m, (path, kind, rts) in groups.items() for rt in rts]
+        best: dict[tuple[str, str], dict[str, float]] = {}
+        # Rounds interleave the rows, so a slow minute on a shared machine hits all of them.
+        for _ in range(args.rounds or 1):
+            for model_name, path, kind, runtime in jobs:
+                cmd = [sys.executable, __file__, "--runtime-child", "--runtime", runtime]
+                cmd += ["--folder", str(path), "--folder-kind", kind, "--reps", str(args.reps or 3)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                old = best.setdefault((model_name, runtime), r)
+                best[(model_name, runtime)] = {k: min(old[k], r[k]) for k in r}
+        for model_name, _, _, runtime in jobs:
+            r = best[(model_name, runtime)]
+            # Ratios against the model's first row: the original code where there is one (the
+            # original has no U-Net: there, torch).
+            base = best[(model_name, groups[model_name][2][0])]
+            ratio = f"{base['network'] / r['network']:6.1f}x {base['segment'] / r['segment']:6.1f}x"
+            print(
+                f"{model_name:32s} | {_RUNTIME_LABELS[runtime]:38s} | {r['network']:18.3f} | "
+                f"{r['segment']:20.3f} | {ratio}"
+            )
+    print(f"load average after: {_load()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="256 tiles, nfeat 8 and 32, 1 rep")
@@ -270,6 +420,15 @@ def main() -> None:
         "--fused", action="store_true", help="add a row with KSEG_FUSED_EVAL (torch.compile) on"
     )
     ap.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="rows for torch / ONNX Runtime / OpenVINO vs the original path (--quick: nfeat 8)",
+    )
+    ap.add_argument("--runtime-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--folder-kind", default="ks", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default=None, help="comma list of tile:nfeat, e.g. 512:32")
     ap.add_argument(
         "--rounds",
@@ -280,6 +439,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.runtime_child:
+        runtime_child(args)
+        return
+    if args.runtimes:
+        runtime_table(args, 8 if args.quick else 32)
         return
     if args.sizes:
         grid = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]

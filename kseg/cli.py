@@ -244,6 +244,43 @@ def model_info_cmd(
     Console().print(table)
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(help="Model folder, MLflow URI or pretrained[:name] (as for predict)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="File to write.", dir_okay=False)],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    size: Annotated[
+        int | None,
+        typer.Option(help="Fixed window edge (default: dynamic H, W where the network allows)."),
+    ] = None,
+    exporter: Annotated[
+        str,
+        typer.Option(
+            help="ONNX exporter: legacy (TorchScript-based, seconds), dynamo (torch.export-based, "
+            "slower) or auto (legacy while torch has it)."
+        ),
+    ] = "auto",
+) -> None:
+    """Export the network (BatchNorm folded) to ONNX or TorchScript, with its metadata.
+
+    Kidney-SegNet with per-position DiCE kernels is exported at its tile size only (dynamic H and
+    W otherwise); docs/model.md, "Export and runtimes".
+    """
+    _setup_logging()
+    from kseg.export import export_model, sidecar_path
+    from kseg.predict import resolve_model
+
+    try:
+        meta = export_model(resolve_model(model), fmt, out, size=size, exporter=exporter)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    shape = meta["input"]["shape_note"]
+    typer.echo(f"{fmt} written to {out} ({shape}); metadata also in {sidecar_path(out)}")
+
+
 @app.command("convert-original")
 def convert_original_cmd(
     src: Annotated[Path, typer.Argument(help="original checkpoint (.pt)", dir_okay=False)],
@@ -423,6 +460,13 @@ def predict(
     margin: Annotated[
         int, typer.Option(min=0, help="Whole slides: context read around each block, pixels.")
     ] = 128,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="torch, onnx (pip install 'kseg[onnx]'), openvino ('kseg[openvino]') or auto = "
+            "the fastest installed one, measured once on this CPU (default: $KSEG_RUNTIME or auto)."
+        ),
+    ] = None,
 ) -> None:
     """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON.
 
@@ -430,6 +474,8 @@ def predict(
     skipped, blocks are streamed and resumed after an interruption (docs/wsi.md).
     """
     _setup_logging()
+    import os
+
     from kseg.predict import predict as run_predict
 
     try:
@@ -444,6 +490,7 @@ def predict(
             max_pixels=max_pixels,
             mpp=mpp,
             slide_options={"block": block, "margin": margin},
+            runtime=runtime or os.environ.get("KSEG_RUNTIME") or "auto",
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

@@ -347,6 +347,7 @@ def predict(
     max_pixels: int | None = None,
     mpp: float | None = None,
     slide_options: dict | None = None,
+    runtime: str = "torch",
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
@@ -358,13 +359,14 @@ def predict(
     by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one,
     ``slide_options`` more keywords of :func:`kseg.slide.segment_slide` (``block``, ``margin``).
     Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
+    ``runtime``: ``torch``, ``onnx``, ``openvino`` or ``auto`` (see :mod:`kseg.runtime`).
     """
     limit = max_pixels or max_pixels_from_env(PREDICT_MAX_PIXELS)
     from kseg.segmenter import Segmenter
     from kseg.slide import segment_slides
 
     folder = resolve_model(model)
-    segmenter = Segmenter.from_folder(folder, device, batch_size, dtype)
+    segmenter = Segmenter.from_folder(folder, device, batch_size, dtype, runtime)
     report = PredictReport()
     files = list(iter_inputs(inputs, report))
     names = output_names(files)

@@ -41,6 +41,7 @@ class Segmenter:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 4
     dtype: torch.dtype | None = None  # autocast precision of the network; None = float32
+    runtime: str = "torch"  # where the network runs (kseg.runtime): torch, onnx or openvino
 
     @classmethod
     def from_folder(
@@ -49,6 +50,7 @@ class Segmenter:
         device: str | torch.device = "cpu",
         batch_size: int = 4,
         dtype: str | torch.dtype | None = None,
+        runtime: str = "torch",
     ) -> Segmenter:
         """Loads a model folder written by the train stage.
 
@@ -58,6 +60,8 @@ class Segmenter:
             batch_size: Windows per forward pass.
             dtype: ``float16`` / ``bfloat16`` (or the torch dtype) runs the network under
                 autocast; None or ``float32``: float32.
+            runtime: ``torch``, ``onnx``, ``openvino`` or ``auto`` (the fastest installed one,
+                measured on this CPU; :func:`kseg.runtime.choose_runtime`).
 
         Raises:
             ValueError: If a required file is missing or malformed (the file is named), or the
@@ -90,8 +94,28 @@ class Segmenter:
 
             stain = load_stain(folder / "stain.json")
         precision = dtype if isinstance(dtype, torch.dtype) else amp_dtype(dtype)
+        net = model
+        if runtime != "torch":
+            from kseg.runtime import CHOICES, choose_runtime
+
+            if runtime not in CHOICES:
+                raise ValueError(f"--runtime {runtime!r}: expected one of {list(CHOICES)}")
+            if precision is None:
+                runtime, net = choose_runtime(runtime, folder, model, model_cfg.window, device.type)
+            elif runtime == "auto":  # reduced precision is torch's autocast
+                runtime = "torch"
+            else:
+                raise ValueError(f"--runtime {runtime}: float32 only (got --dtype {dtype})")
         return cls(
-            model, model_cfg, Preprocess.load(folder), post, stain, device, batch_size, precision
+            net,
+            model_cfg,
+            Preprocess.load(folder),
+            post,
+            stain,
+            device,
+            batch_size,
+            precision,
+            runtime,
         )
 
     def normalize(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:

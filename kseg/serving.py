@@ -58,6 +58,11 @@ RUNTIME_DISTRIBUTIONS = (
     "pyyaml",
     "scikit-image",
     "opencv-python-headless",
+    # kseg[onnx], pinned only when installed where the model is logged (kseg.runtime)
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
 )
 
 
@@ -177,8 +182,9 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
 
         The device, windows per batch and precision come from the pyfunc's ``model_config``
         (``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``, keys ``device``,
-        ``batch_size``, ``dtype``), else from ``KSEG_DEVICE`` / ``KSEG_BATCH_SIZE`` /
-        ``KSEG_DTYPE``; defaults: ``cpu``, 4, float32. The device is resolved by
+        ``batch_size``, ``dtype``, ``runtime``), else from ``KSEG_DEVICE`` / ``KSEG_BATCH_SIZE`` /
+        ``KSEG_DTYPE`` / ``KSEG_RUNTIME``; defaults: ``cpu``, 4, float32, ``auto`` (the fastest
+        installed runtime on this CPU, :mod:`kseg.runtime`). The device is resolved by
         :func:`kseg.device.resolve_device` (``cuda`` without a GPU is an error at load time).
         """
         import os
@@ -190,8 +196,9 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         batch_size = int(config.get("batch_size") or os.environ.get("KSEG_BATCH_SIZE", "4"))
         dtype = config.get("dtype") or os.environ.get("KSEG_DTYPE") or None
         self.max_pixels = int(config.get("max_pixels") or max_pixels_from_env(SERVING_MAX_PIXELS))
+        runtime = config.get("runtime") or os.environ.get("KSEG_RUNTIME") or "auto"
         self.segmenter = Segmenter.from_folder(
-            context.artifacts[ARTIFACT_KEY], device, batch_size, dtype
+            context.artifacts[ARTIFACT_KEY], device, batch_size, dtype, runtime
         )
 
     def predict(

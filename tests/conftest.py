@@ -26,6 +26,10 @@ for _key, _value in {
 # The opt-in compiled inference kernels would add a compile to every process a test starts; the
 # tests that need them turn them on themselves.
 os.environ.pop("KSEG_FUSED_EVAL", None)
+# `kseg predict` / serving default to `--runtime auto`, which exports the model to ONNX and times
+# every installed runtime once per model; tests that are not about runtimes keep torch (the ones
+# that are, tests/test_export.py, choose theirs explicitly).
+os.environ.setdefault("KSEG_RUNTIME", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

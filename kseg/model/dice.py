@@ -41,6 +41,7 @@ from kseg.model.ops import (
     bn_affine,
     cpu_kernels,
     dice_mix,
+    exporting,
     fused_eval_active,
     gated_output,
     grouped_conv3x3,
@@ -233,7 +234,10 @@ class DiCE(nn.Module):
         else:
             pad = (self.k - 1) // 2 * d_h
             xp = xh.permute(0, 2, 1, 3).contiguous()  # B x H* x C x W
-            out = F.conv2d(xp, wh, None, 1, pad, d_h, n)
+            if self.shared and exporting():
+                out = _shared_kernel_conv(xp, self.conv_height.weight, pad, d_h)
+            else:
+                out = F.conv2d(xp, wh, None, 1, pad, d_h, n)
         return resize_dim(out.permute(0, 2, 1, 3), x.shape[2], 2)
 
     def _conv_w(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +255,10 @@ class DiCE(nn.Module):
                 # autocast) the conv gets an ordinary contiguous input, as the reference's.
                 xv = xv.contiguous()
             pad = (self.k - 1) // 2 * d_w
-            out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, n)
+            if self.shared and exporting():
+                out_w = _shared_kernel_conv(xv, self.conv_width.weight.transpose(2, 3), pad, d_w)
+            else:
+                out_w = F.conv2d(xv, ww.transpose(2, 3), None, 1, pad, d_w, n)
             out_w = out_w.permute(0, 2, 3, 1)  # B x C x H x W*
         return resize_dim(out_w, x.shape[3], 3)
 
@@ -339,6 +346,20 @@ class DiCE(nn.Module):
         if self.impl == "fast":
             return batch_norm_act(self(x), bn, "relu")
         return F.relu(bn(self(x)), inplace=True)
+
+
+def _shared_kernel_conv(x: torch.Tensor, weight: torch.Tensor, pad: int, dil: int) -> torch.Tensor:
+    """``B x N x P x Q`` convolved per channel with one shared ``1 x 1 x k x k`` kernel.
+
+    The same function as the depthwise conv with ``groups = N`` and the kernel broadcast, but
+    written with the N channels folded into the batch: an exported graph needs a constant
+    ``group``, and N (rows or columns of the input) is a dynamic size there. Used only when
+    exporting; eager torch keeps the depthwise form, which oneDNN runs 3x faster (0.06 s vs
+    0.19 s for 512 rows of 32 x 512, 2 threads).
+    """
+    b, n, p, q = x.shape
+    out = F.conv2d(x.reshape(b * n, 1, p, q), weight, None, 1, pad, dil)
+    return out.view(b, n, out.shape[2], out.shape[3])
 
 
 def _bn_prelu_any_layout(

@@ -16,7 +16,7 @@ from torch import nn
 from kseg.model.blocks import AttentionGate, DiCEPyramidPooling
 from kseg.model.config import ModelConfig
 from kseg.model.dice import DiCE
-from kseg.model.ops import batch_norm_act, bn_affine, conv1x1
+from kseg.model.ops import batch_norm_act, bn_affine, conv1x1, exporting
 from kseg.model.recompute import recompute
 
 
@@ -27,6 +27,8 @@ def _max_pool2(x: torch.Tensor) -> torch.Tensor:
     window, while ``torch.maximum`` splits it between ties (frequent after a ReLU).
     """
     if (x.requires_grad and torch.is_grad_enabled()) or x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.max_pool2d(x, 2)
+    if exporting():  # `out=` has no exported form; the same maxima
         return F.max_pool2d(x, 2)
     top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
     torch.maximum(top, x[..., 1::2, 0::2], out=top)

@@ -51,6 +51,15 @@ def cpu_kernels(x: torch.Tensor) -> bool:
     )
 
 
+def exporting() -> bool:
+    """Whether the forward is being traced for ``kseg export`` (torch.export, ONNX or jit trace).
+
+    Some eager speed-ups (in-place ``out=`` ops, a depthwise conv whose ``groups`` is a size of
+    the input) have no exportable form; the exported graph gets the plain equivalent instead.
+    """
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def col(v: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     """A per-channel vector as 1 x C x 1 (x 1), for broadcasting over B x C x ...."""
     return v.view(1, -1, *([1] * (ndim - 2)))
