@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections import Counter
 import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,12 +251,16 @@ def prepare_tile(tile: RawTile, data_dir: Path, cfg: PrepareConfig, out: Path) -
             mode = img.mode
             rgb = to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{tile.image}: cannot read the image of tile {tile.tile_id} ({err})") from err
+        raise ValueError(
+            f"{tile.image}: cannot read the image of tile {tile.tile_id} ({err})"
+        ) from err
     try:
         with Image.open(tile.mask) as m:
             labels, kind = to_labels(np.asarray(m))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{tile.mask}: cannot read the mask of tile {tile.tile_id} ({err})") from err
+        raise ValueError(
+            f"{tile.mask}: cannot read the mask of tile {tile.tile_id} ({err})"
+        ) from err
     try:
         _save_png(rgb, out / "images" / f"{tile.tile_id}.png")
         _save_png(labels, out / "labels" / f"{tile.tile_id}.png")

@@ -199,14 +199,21 @@ def generate(cfg: SyntheticConfig, out_dir: Path) -> list[dict[str, str]]:
         stain = patient_stain(np.random.default_rng([cfg.seed, p]))
         for t in range(cfg.tiles_per_patient):
             rng = np.random.default_rng([cfg.seed, p, t + 1])
-            labels = draw_instances(rng, cfg.tile_size, int(rng.integers(lo_n, hi_n + 1)),
-                                    cfg.nucleus_radius)
+            labels = draw_instances(
+                rng, cfg.tile_size, int(rng.integers(lo_n, hi_n + 1)), cfg.nucleus_radius
+            )
             rgb = render_tile(rng, labels, stain)
             tile_id = f"{patient}_{t + 1:02d}"
             (out_dir / "images" / f"{tile_id}.png").write_bytes(_png_bytes(rgb))
             (out_dir / "masks" / f"{tile_id}.png").write_bytes(_png_bytes(labels))
-            rows.append({"tile_id": tile_id, "patient": patient,
-                         "image": f"images/{tile_id}.png", "mask": f"masks/{tile_id}.png"})
+            rows.append(
+                {
+                    "tile_id": tile_id,
+                    "patient": patient,
+                    "image": f"images/{tile_id}.png",
+                    "mask": f"masks/{tile_id}.png",
+                }
+            )
     with (out_dir / "index.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["tile_id", "patient", "image", "mask"])
         writer.writeheader()

@@ -49,7 +49,7 @@ def distance_target(labels: NDArray[np.integer]) -> NDArray[np.float32]:
 
 
 def normalized_distance(labels: NDArray[np.integer]) -> NDArray[np.float32]:
-    """:func:`instance_distance` divided by each nucleus's own largest distance (peak 1 per nucleus).
+    """:func:`instance_distance` over each nucleus's own largest distance (peak 1 per nucleus).
 
     Unlike the per-image min-max of :func:`distance_target`, every nucleus, small or large, peaks
     at 1 and its border is at ``1 / peak``, so one marker threshold fits all nuclei (the DIST and
@@ -67,7 +67,7 @@ def normalized_distance(labels: NDArray[np.integer]) -> NDArray[np.float32]:
 
 
 def fg_dist_target(labels: NDArray[np.integer]) -> NDArray[np.float32]:
-    """``(2, H, W)`` target of the ``fg_dist`` head: nucleus mask and :func:`normalized_distance`."""
+    """``(2, H, W)`` target of the ``fg_dist`` head: nucleus mask, :func:`normalized_distance`."""
     return np.stack([(np.asarray(labels) > 0).astype(np.float32), normalized_distance(labels)])
 
 
