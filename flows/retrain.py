@@ -32,6 +32,7 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from kseg.config import ConfigError, DataConfig, TrainConfig, load_params, params_from_dict
+from kseg.dvc_paths import entry_paths, stage_paths
 from kseg.fsutil import atomic_write_bytes, atomic_write_text
 
 # The same choices as params.yaml's schema, so the Prefect UI shows them as drop-downs.
@@ -67,11 +68,6 @@ def retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
     return isinstance(err, StageFailed) and err.transient
 
 
-def _paths(entries: list[Any] | None) -> list[str]:
-    """Paths of a dvc.yaml deps/outs/metrics/plots list (items are a str or ``{path: opts}``)."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-
-
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -86,14 +82,11 @@ def stage_order(project: Path) -> list[str]:
     stops the run before the expensive stages, then dvc.yaml's order decides.
     """
     stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    outs = {
-        name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))
-        for name, s in stages.items()
-    }
+    outs = {name: sorted(stage_paths(s)) for name, s in stages.items()}
     needs = {
         name: {
             other
-            for dep in _paths(s.get("deps"))
+            for dep in entry_paths(s.get("deps"))
             for other, paths in outs.items()
             if other != name and any(_inside(dep, o) or _inside(o, dep) for o in paths)
         }

@@ -289,7 +289,7 @@ def convert_original_cmd(
         Path | None,
         typer.Option(
             "--mean-from",
-            help="folder of the training images (png/tif/jpg): the input mean is computed from "
+            help="folder of the training images: the input mean is computed from "
             "them as the original did (per-image min-max to 0..255)",
             file_okay=False,
         ),
@@ -321,12 +321,11 @@ def convert_original_cmd(
                 raise ValueError(f"--mean {mean!r}: expected R,G,B in 0..255")
             rgb = (values[0], values[1], values[2])
         else:
-            from kseg.predict import read_image
+            from kseg.predict import IMAGE_SUFFIXES, read_image
 
-            suffixes = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
-            files = sorted(p for p in mean_from.iterdir() if p.suffix.lower() in suffixes)
+            files = sorted(p for p in mean_from.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise ValueError(f"--mean-from {mean_from}: no png/tif/jpg image in it")
+                raise ValueError(f"--mean-from {mean_from}: no image ({', '.join(IMAGE_SUFFIXES)})")
             rgb = original_input_mean(read_image(p) for p in files)
         folder = convert_original(src, out, extra={"input_mean": list(rgb)})
         Preprocess(mean=rgb, std=(1.0, 1.0, 1.0)).save(folder)

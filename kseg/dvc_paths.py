@@ -29,13 +29,14 @@ def _norm(path: str) -> str:
     return PurePosixPath(str(path).replace("\\", "/")).as_posix().rstrip("/")
 
 
+def entry_paths(entries: list[Any] | None) -> list[str]:
+    """Paths of a dvc.yaml deps/outs/metrics/plots list (items are a str or ``{path: opts}``)."""
+    return [_norm(e if isinstance(e, str) else next(iter(e))) for e in entries or []]
+
+
 def stage_paths(stage: dict[str, Any]) -> set[str]:
     """Every path a dvc.yaml stage writes: its outs, metrics and plots."""
-    paths = set()
-    for kind in ("outs", "metrics", "plots"):
-        for entry in stage.get(kind) or []:
-            paths.add(_norm(entry if isinstance(entry, str) else next(iter(entry))))
-    return paths
+    return {p for kind in ("outs", "metrics", "plots") for p in entry_paths(stage.get(kind))}
 
 
 def _value(params: Any, key: str) -> str:

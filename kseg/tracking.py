@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from kseg.config import Params, flatten, params_hash
+from kseg.dvc_paths import stage_paths
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: Experiment tag the MLflow 3 UI reads to show runs, charts and models instead of traces.
@@ -131,9 +132,7 @@ def dvc_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     except (OSError, yaml.YAMLError):
         return paths
     for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+        paths.extend(sorted(stage_paths(stage or {})))
     return paths
 
 

@@ -10,6 +10,7 @@ from kseg.config import (
     ConfigError,
     Params,
     flatten,
+    flatten_dict,
     load_params,
     params_from_dict,
     params_hash,
@@ -37,24 +38,14 @@ UNSET_DEFAULTS = {
 }
 
 
-def _leaves(raw: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_repo_params_yaml_loads_and_matches_defaults_where_unset() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.data.source == "synthetic"
     assert params.postprocess.h == 7
     assert params.postprocess.foreground_threshold == 28
     assert params_from_dict({}) == Params()
-    resolved = _leaves(to_dict(params))  # tuples as lists, as YAML writes them
-    written = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    resolved = flatten_dict(to_dict(params))  # tuples as lists, as YAML writes them
+    written = flatten_dict(yaml.safe_load((REPO / "params.yaml").read_text()))
     # Every value written in params.yaml is the value loaded ...
     for key, value in written.items():
         assert resolved[key] == value, key
