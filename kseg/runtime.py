@@ -16,6 +16,7 @@ that fails to export or run is skipped with a warning, and torch is the fallback
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +86,19 @@ class OnnxRuntimeNet:
         return torch.from_numpy(out)
 
 
+@functools.cache
+def _openvino_core() -> Any:
+    """The process's one ``openvino.Core``.
+
+    A second ``Core`` in one process is a known crash (openvinotoolkit/openvino#35338,
+    ultralytics/ultralytics#25864: a segfault, sometimes only when a later garbage collection
+    destroys one); every compiled model shares this one.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoNet:
     """An ONNX export compiled by OpenVINO for the CPU, in float32, called like the network.
 
@@ -94,9 +109,7 @@ class OpenVinoNet:
     name = "openvino"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import openvino as ov
-
-        core = ov.Core()
+        core = _openvino_core()
         config = {
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             "PERFORMANCE_HINT": "LATENCY",
