@@ -88,11 +88,15 @@ class OnnxRuntimeNet:
 
 @functools.cache
 def _openvino_core() -> Any:
-    """The process's one ``openvino.Core``.
+    """The process's one ``openvino.Core``, shared by every compiled model.
 
-    A second ``Core`` in one process is a known crash (openvinotoolkit/openvino#35338,
-    ultralytics/ultralytics#25864: a segfault, sometimes only when a later garbage collection
-    destroys one); every compiled model shares this one.
+    Each ``Core`` that compiles a model for the CPU points the calling thread's alternate signal
+    stack (``sigaltstack``) at memory of its own and, when destroyed, puts back the one it found.
+    With two Cores destroyed in the order they were made, the main thread is left pointing at
+    unmapped memory, and the next signal with a Python handler (torch's DataLoader installs one
+    for SIGCHLD) kills the process with SIGSEGV: the CI crash of 2026-12-06, reproduced in
+    ``tests/test_export.py::test_openvino_nets_dropped_in_any_order_leave_signals_safe``. One
+    Core for the process keeps one alternate stack for its lifetime.
     """
     import openvino as ov
 

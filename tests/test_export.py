@@ -378,3 +378,44 @@ def test_serving_runtime_onnx_answers_as_torch(
         answers[runtime] = model.predict(None, request)
     assert answers["torch"]["n_nuclei"][0] > 5
     assert answers["onnx"].equals(answers["torch"])
+
+
+# A child process: what it checks ends in a segfault when it goes wrong. Two OpenVINO networks of
+# one process are made, then dropped in the order they were made, then the main thread takes a
+# signal that has a Python handler (torch's DataLoader installs one for SIGCHLD; a server child
+# exiting sends it): each new ``openvino.Core`` compiling a model points the main thread's
+# alternate signal stack at memory of its own, and the first one destroyed leaves it pointing at
+# unmapped memory, so the kernel kills the process when the signal arrives (the CI crash of
+# 2026-12-06: SIGSEGV, si_code SI_KERNEL, while the mlflow server fixture was being stopped).
+_TWO_NETS = """
+import gc, signal, sys, threading
+import numpy as np, openvino as ov
+from openvino import opset13 as ops
+from kseg.runtime import OpenVinoNet
+import torch
+
+param = ops.parameter([1, 3, 8, 8], np.float32)
+ov.save_model(ov.Model([ops.relu(param)], [param]), sys.argv[1])
+nets = [OpenVinoNet(sys.argv[1], threads=1) for _ in range(2)]
+for net in nets:
+    assert float(net(-torch.ones(1, 3, 8, 8)).abs().sum()) == 0.0  # relu of -1
+del net
+nets.pop(0)
+gc.collect()
+nets.pop(0)
+gc.collect()
+signal.signal(signal.SIGCHLD, lambda *_: None)
+signal.pthread_kill(threading.main_thread().ident, signal.SIGCHLD)
+print("survived")
+"""
+
+
+@pytest.mark.skipif(not _has("openvino"), reason="openvino not installed")
+def test_openvino_nets_dropped_in_any_order_leave_signals_safe(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_NETS, str(tmp_path / "relu.xml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-999:])
