@@ -83,7 +83,8 @@ def render(fig: Figure) -> NDArray[np.uint8]:
     """The pixels of ``fig``: an ``(H, W, 3)`` uint8 RGB array (figure from :func:`figure`)."""
     canvas = fig.canvas
     canvas.draw()
-    return np.array(canvas.buffer_rgba(), dtype=np.uint8)[..., :3]  # type: ignore[attr-defined]
+    rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[attr-defined]
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)  # a copy: the buffer is reused
 
 
 def save_figure(fig: Figure, path: Path | str) -> Path:
