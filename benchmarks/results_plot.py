@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -22,13 +24,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "aji_vs_macs.png")
     args = parser.parse_args()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kseg.plots import figure, save_figure
 
     rows = [r for r in json.loads(args.rows.read_text())["rows"] if r.get("test_aji") is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # kseg.plots: an off-screen Agg figure (no pyplot state) and an atomic write of the PNG.
+    fig = figure((768, 504), dpi=120)
+    ax = fig.add_subplot()
     for row in rows:
         ax.scatter(row["gmacs_512"], row["test_aji"], s=40, label=row["name"])
         if row.get("val_aji") is not None:
@@ -39,8 +40,7 @@ def main() -> None:
     ax.set_title("TNBC, 25 minutes of training on 2 CPU cores")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(args.out)
+    save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -32,7 +31,6 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from kseg.config import ConfigError, DataConfig, TrainConfig, load_params, params_from_dict
-from kseg.dvc_paths import entry_paths, stage_paths
 from kseg.fsutil import atomic_write_bytes, atomic_write_text
 
 # The same choices as params.yaml's schema, so the Prefect UI shows them as drop-downs.
@@ -68,42 +66,65 @@ def retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
     return isinstance(err, StageFailed) and err.transient
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
+def _dvc_stage_graph(project: Path) -> tuple[Any, list[Any]]:
+    """DVC's own stage graph of ``project`` and the stages of its ``dvc.yaml``, in file order.
+
+    Uses ``dvc.repo.Repo(...).index``, the object ``dvc repro`` and ``dvc dag`` build their graph
+    from, so a stage follows another exactly when DVC says so (deps matched against outs,
+    metrics and plots, folders holding files and files inside folders). ``dvc dag`` has no
+    machine-readable output but ``--dot`` text and, unlike the index, needs ``.dvc/`` to exist.
+    The graph's edges point from a stage to the stages it depends on.
+
+    Raises:
+        ValueError: naming ``dvc.yaml`` when it is missing, unreadable, invalid, or cyclic.
+    """
+    from dvc.exceptions import CyclicGraphError, DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    dvc_yaml = (project / "dvc.yaml").resolve()
+    if not dvc_yaml.is_file():
+        raise ValueError(f"{dvc_yaml}: not found; the flow runs the stages of this file")
+    try:
+        # uninitialized: the graph needs only the pipeline files, not .dvc/ (nor its cache).
+        with Repo(str(project), uninitialized=True) as repo:
+            graph = repo.index.graph  # raises for cycles, overlapping or duplicated outputs
+            stages = [
+                st
+                for st in repo.index.stages
+                if isinstance(st, PipelineStage) and Path(st.path).resolve() == dvc_yaml
+            ]
+    except CyclicGraphError as err:
+        raise ValueError(f"{dvc_yaml}: the stages form a cycle ({err})") from err
+    except DvcException as err:
+        detail = f": {err.__cause__}" if err.__cause__ is not None else ""
+        raise ValueError(f"{dvc_yaml}: DVC cannot build the pipeline: {err}{detail}") from err
+    return graph, stages
 
 
 def stage_order(project: Path) -> list[str]:
     """Stage names of ``dvc.yaml`` in dependency order, checks as early as possible.
 
-    A stage follows every stage that writes one of its deps (or a folder holding it, or a file
-    inside it), so a stage added to dvc.yaml later is picked up without touching this flow.
-    Stages are ordered by depth (longest chain of producers above them); at equal depth a stage
-    whose outputs nobody consumes (a check such as ``validate``) goes first, so a failing check
-    stops the run before the expensive stages, then dvc.yaml's order decides.
+    The dependencies are DVC's (:func:`_dvc_stage_graph`), so a stage added to dvc.yaml later is
+    picked up without touching this flow. Stages are ordered by depth (longest chain of producers
+    above them); at equal depth a stage whose outputs nobody consumes (a check such as
+    ``validate``) goes first, so a failing check stops the run before the expensive stages, then
+    dvc.yaml's order decides. Stages of other files (``data.dvc``) count for the depth but are
+    not returned: the flow runs ``dvc repro --single-item <name>`` for dvc.yaml's stages only.
+
+    Raises:
+        ValueError: naming ``dvc.yaml`` when it is missing, invalid, or its stages form a cycle.
     """
-    stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    outs = {name: sorted(stage_paths(s)) for name, s in stages.items()}
-    needs = {
-        name: {
-            other
-            for dep in entry_paths(s.get("deps"))
-            for other, paths in outs.items()
-            if other != name and any(_inside(dep, o) or _inside(o, dep) for o in paths)
-        }
-        for name, s in stages.items()
-    }
-    depth: dict[str, int] = {}
-    while len(depth) < len(stages):
-        ready = [n for n in stages if n not in depth and needs[n] <= depth.keys()]
-        if not ready:
-            raise ValueError(
-                f"dvc.yaml: the stages {sorted(set(stages) - depth.keys())} form a cycle"
-            )
-        for name in ready:
-            depth[name] = 1 + max((depth[d] for d in needs[name]), default=-1)
-    consumed = set().union(*needs.values())
-    index = {name: i for i, name in enumerate(stages)}
-    return sorted(stages, key=lambda n: (depth[n], n in consumed, index[n]))
+    import networkx as nx
+
+    graph, stages = _dvc_stage_graph(Path(project))
+    depth: dict[Any, int] = {}
+    # Topological order lists a stage before the stages it depends on: walk it backwards.
+    for node in reversed(list(nx.topological_sort(graph))):
+        depth[node] = 1 + max((depth[dep] for dep in graph.successors(node)), default=-1)
+    index = {st: i for i, st in enumerate(stages)}
+    ordered = sorted(stages, key=lambda st: (depth[st], graph.in_degree(st) > 0, index[st]))
+    return [st.name for st in ordered]
 
 
 def set_params(path: Path, updates: dict[str, Any]) -> bool:

@@ -77,7 +77,11 @@ def _albumentations() -> Any:
 
 
 def _hed_transform_class() -> type:
-    """Builds the albumentations transform class (albumentations is imported lazily)."""
+    """Builds the albumentations transform class (albumentations is imported lazily).
+
+    Not albumentations' own ``HEStain``: that one projects onto two stains (not the identity at
+    zero magnitude), parameterises differently and is 2.5-17x slower here (docs/stain.md).
+    """
     A = _albumentations()
 
     class HEDJitter(A.ImageOnlyTransform):

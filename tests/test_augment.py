@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
-from skimage.color import rgb2hed
+from skimage.color import hed2rgb, rgb2hed, rgb_from_hed
 
-from kseg.augment import build_augmentation, hed_jitter, split_fragments
+from kseg.augment import _hed_transform_class, build_augmentation, hed_jitter, split_fragments
 from kseg.config import AugmentConfig
 from kseg.data.synthetic import draw_instances, patient_stain, render_tile
 from kseg.data.targets import distance_target
@@ -136,6 +136,65 @@ def test_hed_jitter_identity_and_stain_specific_scaling() -> None:
     e_ratio = np.median(after[..., 1][stroma] / before[..., 1][stroma])
     h_ratio = np.median(after[..., 0][nuclei] / before[..., 0][nuclei])
     assert 1.3 < e_ratio < 1.5 and 0.95 < h_ratio < 1.05
+
+
+def _tile_from_concentrations(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """RGB made by skimage's hed2rgb from non-negative H, E, D (so rgb2hed needs no clipping)."""
+    hed = np.stack(
+        [
+            rng.uniform(0.0, 0.08, (size, size)),
+            rng.uniform(0.0, 0.06, (size, size)),
+            rng.uniform(0.002, 0.01, (size, size)),
+        ],
+        axis=-1,
+    )
+    return np.clip(np.rint(hed2rgb(hed) * 255), 0, 255).astype(np.uint8)
+
+
+def test_hed_jitter_matches_skimage_round_trip() -> None:
+    # Known answer: rgb2hed -> hed * scale + shift -> hed2rgb. skimage's concentrations are OD
+    # divided by -ln(1e-6) along its (almost unit-length) stain vectors; ours are OD along the
+    # unit vectors, so a shift b of ours is b / (-ln(1e-6) * |vector|) in skimage's units.
+    tile = _tile_from_concentrations(np.random.default_rng(0))
+    scale, shift = np.array([1.3, 0.8, 1.0]), np.array([0.05, -0.03, 0.0])
+    units = -np.log(1e-6) * np.linalg.norm(rgb_from_hed, axis=1)
+    expected = np.clip(np.rint(hed2rgb(rgb2hed(tile) * scale + shift / units) * 255), 0, 255)
+    out = hed_jitter(tile, scale, shift)
+    assert np.abs(out.astype(int) - tile).mean() > 5  # the jitter is visible...
+    # ...and equal within rounding (skimage's OD is -ln(I/255), ours -ln((I+1)/256)).
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    assert np.array_equal(hed_jitter(tile, np.ones(3), np.zeros(3)), tile)
+
+
+def test_hed_transform_draws_scale_and_shift_from_their_ranges() -> None:
+    jitter = _hed_transform_class()(sigma=0.1, bias=0.02, p=1.0)
+    jitter.set_random_seed(0)
+    draws = [jitter.get_params() for _ in range(400)]
+    scale = np.array([d["scale"] for d in draws])
+    shift = np.array([d["shift"] for d in draws])
+    assert scale.shape == shift.shape == (400, 3)  # H, E and D each get their own draw
+    assert (
+        scale.min() >= 0.9 and scale.max() <= 1.1 and shift.min() >= -0.02 and shift.max() <= 0.02
+    )
+    assert (
+        scale.min() < 0.91 and scale.max() > 1.09 and abs(scale.mean() - 1.0) < 0.01
+    )  # U(1-s, 1+s)
+    assert shift.min() < -0.019 and shift.max() > 0.019 and abs(shift.mean()) < 0.002  # U(-b, b)
+
+
+def test_albumentations_hestain_is_not_a_drop_in_replacement() -> None:
+    # Why kseg keeps its own HED jitter (docs/stain.md): albumentations' HEStain models two stains
+    # (H, E) and projects every pixel onto their plane, so even at scale 1 / shift 0 it changes
+    # an H&E tile (the third, DAB / residual component is dropped); ours is then the identity.
+    from albumentations.augmentations.pixel import functional as album_f
+
+    rng = np.random.default_rng(0)
+    tile = render_tile(rng, draw_instances(rng, 128, 30, (5.0, 10.0)), patient_stain(rng))
+    same = album_f.apply_he_stain_augmentation(
+        tile, album_f.STAIN_MATRICES["ruifrok"], np.ones(2), np.zeros(2), augment_background=True
+    )
+    assert np.abs(same.astype(int) - tile).max() > 5
+    assert np.array_equal(hed_jitter(tile, np.ones(3), np.zeros(3)), tile)
 
 
 def test_default_pipeline_keeps_dtype_and_shape() -> None:

@@ -88,13 +88,47 @@ def test_stage_order_follows_the_dependency_graph(tmp_path: Path) -> None:
     assert stage_order(tmp_path) == ["fetch", "check", "train", "evaluate", "report"]
     stages["fetch"]["deps"] = ["metrics/eval.json"]
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    with pytest.raises(ValueError, match="cycle"):
+    with pytest.raises(ValueError, match="cycle") as cycle:
         stage_order(tmp_path)
+    assert str((tmp_path / "dvc.yaml").resolve()) in str(cycle.value)
     order = stage_order(REPO)
     assert order[:2] == ["check_params", "fetch"]  # params validated before anything is deleted
     assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     if {"prepare", "validate", "train"} <= set(order):  # the data gate comes before training
         assert order.index("prepare") < order.index("validate") < order.index("train")
+
+
+def test_stage_order_uses_dvcs_graph_and_ignores_other_dvc_files(tmp_path: Path) -> None:
+    stages = {
+        # Depends on a folder that holds another stage's output file, and on a .dvc file's output.
+        "summary": {"cmd": "x", "deps": ["metrics", "raw"], "outs": ["summary.md"]},
+        "score": {"cmd": "x", "deps": ["models/m"], "metrics": [{"metrics/score.json": {}}]},
+        "train": {"cmd": "x", "deps": ["raw/archive.zip"], "outs": ["models/m"]},
+        "lint": {"cmd": "x", "deps": ["raw"], "outs": ["reports/lint.txt"]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    # A `dvc add`ed folder (like data.dvc): part of DVC's graph, not a stage the flow runs.
+    (tmp_path / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"path": "raw", "md5": "0" * 32}]}))
+    assert stage_order(tmp_path) == ["lint", "train", "score", "summary"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages:\n  a: {cmd: x\n", "DVC cannot build the pipeline.*corrupted"),
+        ("stages:\n  a: {cmd: x, bogus: 1}\n", "validation failed.*extra keys"),
+        ("stages:\n  a: {cmd: x, outs: [o]}\n  b: {cmd: y, outs: [o]}\n", "specified in"),
+        (None, "not found"),
+    ],
+)
+def test_stage_order_names_dvc_yaml_when_it_is_broken(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
+    if text is not None:
+        (tmp_path / "dvc.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        stage_order(tmp_path)
+    assert str(info.value).startswith(str((tmp_path / "dvc.yaml").resolve()))
 
 
 # --- flow runs under the test harness ---

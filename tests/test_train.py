@@ -81,6 +81,14 @@ def test_two_epochs_logged_to_mlflow(prepared: Path, tmp_path: Path, monkeypatch
     assert tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "model_folder", "val_overlays"} <= artifacts
+    # The learning curve (kseg.plots, matplotlib): a 640x400 PNG with something drawn on it.
+    (curve,) = client.list_artifacts(run.info.run_id, "plots")
+    assert curve.path == "plots/learning_curve.png"
+    from PIL import Image
+
+    with Image.open(client.download_artifacts(run.info.run_id, curve.path, str(tmp_path))) as im:
+        assert im.format == "PNG" and im.size == (640, 400)
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or ()) > 20
     folder = {a.path for a in client.list_artifacts(run.info.run_id, "model_folder")}
     assert "model_folder/config.json" in folder
     # DVC metrics come from the same numbers as MLflow; the kept epoch's scores are best_*.

@@ -13,11 +13,15 @@ Policy (``params.split``, documented in docs/data.md):
   ``seed`` until their tiles come closest to ``test_fraction`` of all tiles.
 - validation patients are drawn (with ``seed``) from the non-test patients until their tiles come
   closest to ``val_fraction`` of all tiles; at least one patient always stays in training.
+
+:func:`patient_folds` gives patient-level k-fold cross-validation folds (scikit-learn's
+``GroupKFold`` with patients as groups), for experiments that need more than one split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -100,3 +104,54 @@ def split_tiles(
     }
     out["patients"] = {s: list(by_split[s]) for s in SPLITS}
     return out
+
+
+def patient_folds(
+    tile_ids: Sequence[str], patients: Sequence[str], n_folds: int, seed: int | None = None
+) -> list[tuple[list[str], list[str]]]:
+    """Patient-level k-fold cross-validation: every patient is tested in exactly one fold.
+
+    Built on ``sklearn.model_selection.GroupKFold`` with the patients as groups, so no patient
+    has tiles on both sides of a fold, and every tile is tested exactly once over the folds.
+
+    Args:
+        tile_ids: Tile ids (unique), e.g. the manifest's ``tile_id`` column.
+        patients: The patient of each tile, in the same order.
+        n_folds: Number of folds, at least 2 and at most the number of patients.
+        seed: None (default): folds balanced by tile count (GroupKFold puts the patient with the
+            most tiles into the fold with the fewest so far); the same input always gives the same
+            folds, whatever its order. An int: patients are shuffled with this seed and dealt
+            into folds of (nearly) equal patient counts, so tile counts may differ between folds.
+
+    Returns:
+        ``n_folds`` pairs ``(train_ids, test_ids)``, each list in the input order.
+
+    Raises:
+        ValueError: lengths that differ, a repeated tile id, ``n_folds`` below 2, or fewer
+            patients than folds (the message names both numbers).
+    """
+    from sklearn.model_selection import GroupKFold
+
+    tiles, groups = list(tile_ids), [str(p) for p in patients]
+    if len(tiles) != len(groups):
+        raise ValueError(f"patient_folds: {len(tiles)} tile ids but {len(groups)} patients")
+    repeated = sorted(t for t, n in Counter(tiles).items() if n > 1)
+    if repeated:
+        raise ValueError(f"patient_folds: repeated tile id(s) {repeated[:10]}")
+    if n_folds < 2:
+        raise ValueError(f"patient_folds: n_folds must be at least 2, got {n_folds}")
+    n_patients = len(set(groups))
+    if n_patients < n_folds:
+        raise ValueError(
+            f"patient_folds: {n_folds} folds need at least {n_folds} patients, but the "
+            f"{len(tiles)} tiles come from {n_patients} patient(s) (n_folds = {n_patients} would "
+            "leave one patient out per fold)"
+        )
+    if seed is None:
+        kfold = GroupKFold(n_splits=n_folds)
+    else:
+        kfold = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = []
+    for train_idx, test_idx in kfold.split(np.zeros(len(tiles)), groups=groups):
+        folds.append(([tiles[i] for i in train_idx], [tiles[i] for i in test_idx]))
+    return folds
