@@ -454,7 +454,11 @@ def config_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> ConfigEr
     errors = [{**e, "loc": (*prefix, *e["loc"])} for e in err.errors()]
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
     first = min(extra, key=lambda e: (len(e["loc"]), e["loc"])) if extra else errors[0]
-    return ConfigError(_message(first))
+    try:
+        return ConfigError(_message(first))
+    except (KeyError, IndexError, AttributeError):  # a shape _message does not know: pydantic's
+        key = ".".join(str(p) for p in first["loc"]) or "params"
+        return ConfigError(f"{key}: {first['msg']}, got {first['input']!r}")
 
 
 def params_from_dict(raw: dict[str, Any] | None) -> Params:
