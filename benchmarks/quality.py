@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +71,11 @@ def main() -> None:
             raw = json.loads((folder / "params.json").read_text())
             seg.postprocess = params_from_dict(raw).postprocess
         elif args.post == "original":
-            seg.postprocess = replace(PostprocessConfig(), min_size=0)
+            seg.postprocess = PostprocessConfig(min_size=0)
         if args.tta:
-            seg.model_config = replace(seg.model_config, infer_tta=args.tta)
+            seg.model_config = seg.model_config.model_copy(update={"infer_tta": args.tta})
         if args.window is not None:
-            seg.model_config = replace(seg.model_config, infer_window=args.window)
+            seg.model_config = seg.model_config.model_copy(update={"infer_window": args.window})
         if args.refit:  # on the validation tiles only, as the train stage does
             from kseg.postprocess_fit import fit_postprocess
 

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -30,12 +30,23 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from kseg.config import ConfigError, DataConfig, TrainConfig, load_params, params_from_dict
+from kseg.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    load_params,
+    params_from_dict,
+    setting_type,
+)
 from kseg.fsutil import atomic_write_bytes, atomic_write_text
 
-# The same choices as params.yaml's schema, so the Prefect UI shows them as drop-downs.
-Source = get_type_hints(DataConfig)["source"]
-Device = get_type_hints(TrainConfig)["device"]
+# The types of the params.yaml settings the knobs set (choices, ranges, help), taken from the same
+# models: the Prefect UI shows drop-downs and limits, and Prefect checks a run's values by them.
+Source = setting_type(DataConfig, "source")
+Url = setting_type(DataConfig, "url")
+Sha256 = setting_type(DataConfig, "sha256")
+Epochs = setting_type(TrainConfig, "epochs")
+Device = setting_type(TrainConfig, "device")
 
 FETCH_RETRIES = 3  # downloads fail transiently (mirrors, proxies); waits of 2, 4, 8 s
 FETCH_BACKOFF_S = 2.0
@@ -318,9 +329,9 @@ CHECK_STAGE = "check_params"
 @flow(name="retrain")
 def retrain(
     source: Source | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    epochs: int | None = None,
+    url: Url = None,
+    sha256: Sha256 = None,
+    epochs: Epochs | None = None,
     device: Device | None = None,
     stages: list[str] | None = None,
     project_dir: str = ".",

@@ -222,7 +222,7 @@ def model_info_cmd(
     changes = {k: v for k, v in (("arch", arch), ("nfeat", nfeat), ("tile_size", tile_size)) if v}
     import typing
 
-    allowed = typing.get_args(typing.get_type_hints(ModelConfig)["arch"])
+    allowed = typing.get_args(ModelConfig.model_fields["arch"].annotation)
     if arch is not None and arch not in allowed:
         _fail(f"--arch {arch!r}: expected one of {', '.join(allowed)}")
     try:

@@ -1,27 +1,25 @@
-"""Typed, frozen configuration loaded from ``params.yaml``.
+"""Typed, frozen configuration loaded from ``params.yaml``: one pydantic model per block.
 
-Every block of ``params.yaml`` maps to one frozen dataclass. Loading is strict: an unknown key, a
-value of the wrong type or a value outside its allowed range raises :class:`ConfigError` with the
-dotted key, the offending value and what is allowed. Ranges and choices live in each field's
-``metadata`` (``min``, ``max``, ``choices``) so that the rule sits next to the default it guards.
-
-This module imports only the standard library and PyYAML: it is loaded by every ``kseg`` command,
-including ``--help``.
+Loading is strict (``extra="forbid"``, no string-to-number or number-to-boolean coercion): an
+unknown key, a value of the wrong type or outside its allowed range raises :class:`ConfigError`
+with the dotted key, the offending value and what is allowed. Choices are ``Literal`` types,
+ranges ``Field(ge=..., le=...)`` and each field's help is the docstring under it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import types
-import typing
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import StrictBool as Bool
+from pydantic import StrictStr as Str
+from pydantic.fields import FieldInfo
 
 from kseg.model.config import ModelConfig
 
@@ -30,292 +28,309 @@ class ConfigError(ValueError):
     """A ``params.yaml`` value that kseg cannot use; the message names the key and the rule."""
 
 
-def _f(default: Any, /, **meta: Any) -> Any:
-    """Declares a dataclass field with validation metadata (min, max, choices, help)."""
-    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
-        # Nested sections are frozen, but each Params still gets its own default object.
-        return field(default_factory=lambda: default, metadata=meta)
-    return field(default=default, metadata=meta)
+def _allowed(lo: Any, hi: Any) -> str:
+    return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
 
 
-# --------------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------------
+def _int64(v: int) -> int:
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{v!r} does not fit a 64-bit integer")
+    return v
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
+def _path(v: str) -> str:
+    if not v.strip():
+        raise ValueError("an empty path; give a folder or file name")
+    return v
+
+
+def _pair(lo: float | None = None, hi: float | None = None) -> AfterValidator:
+    """A ``[low, high]`` pair: both within ``[lo, hi]``, low <= high."""
+
+    def check(v: tuple[Any, Any]) -> tuple[Any, Any]:
+        if any((lo is not None and x < lo) or (hi is not None and x > hi) for x in v):
+            raise ValueError(f"{v!r} is out of range; allowed {_allowed(lo, hi)}")
+        if v[0] > v[1]:
+            raise ValueError(f"{list(v)!r} is inverted; expected [low, high] with low <= high")
+        return v
+
+    return AfterValidator(check)
+
+
+Int = Annotated[int, Field(strict=True), AfterValidator(_int64)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+PathStr = Annotated[str, Field(strict=True), AfterValidator(_path)]
+Frac = Annotated[Float, Field(ge=0.0, le=1.0)]
+Count = Annotated[Int, Field(ge=0)]
+IntPair = tuple[Int, Int]
+FloatPair = tuple[Float, Float]
+
+
+class Section(BaseModel):
+    """A frozen block of ``params.yaml``: unknown keys are errors, docstrings are the help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class SyntheticConfig(Section):
     """The embedded synthetic H&E dataset (``data.source: synthetic``)."""
 
-    seed: int = _f(0, min=0, help="RNG seed; the same seed gives byte-identical files")
-    n_patients: int = _f(6, min=1, max=1000)
-    tiles_per_patient: int = _f(4, min=1, max=1000)
-    tile_size: int = _f(256, min=64, max=4096)
-    nuclei_per_tile: tuple[int, int] = _f(
-        (25, 45), min=0, max=10_000, ordered=True, help="min and max nuclei drawn per tile"
-    )
-    nucleus_radius: tuple[float, float] = _f(
-        (5.0, 11.0), min=1.0, max=256.0, ordered=True, help="min and max semi-axis in pixels"
-    )
+    seed: Count = 0
+    """RNG seed; the same seed gives byte-identical files"""
+    n_patients: Int = Field(6, ge=1, le=1000)
+    tiles_per_patient: Int = Field(4, ge=1, le=1000)
+    tile_size: Int = Field(256, ge=64, le=4096)
+    nuclei_per_tile: Annotated[IntPair, _pair(0, 10_000)] = (25, 45)
+    """min and max nuclei drawn per tile"""
+    nucleus_radius: Annotated[FloatPair, _pair(1.0, 256.0)] = (5.0, 11.0)
+    """min and max semi-axis in pixels"""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the raw dataset comes from and where it is written (see docs/data.md)."""
 
-    source: Literal["synthetic", "tnbc", "kidney", "folder"] = _f("synthetic")
-    url: str | None = _f(None, help="override the download URL (http(s)://, file:// or a path)")
-    sha256: str | None = _f(None, help="override the expected sha256 of the archive")
-    path: str | None = _f(None, help="local archive or folder (kidney, folder sources)")
-    dir: str = _f("data", path=True, help="folder the raw dataset is written to")
-    retries: int = _f(3, min=0, max=20, help="extra download attempts on transient errors")
-    timeout_s: float = _f(60.0, min=1.0, max=3600.0, help="socket timeout per download attempt")
-    max_extract_bytes: int = _f(
-        16 * 2**30, min=2**20, help="archives: most bytes all entries may unpack to (zip bomb cap)"
-    )
-    max_entry_ratio: float = _f(
-        200.0, min=1.0, help="archives: most an entry may expand over its compressed size"
-    )
-    max_entries: int = _f(200_000, min=1, help="archives: most entries an archive may list")
-    synthetic: SyntheticConfig = _f(SyntheticConfig())
+    source: Literal["synthetic", "tnbc", "kidney", "folder"] = "synthetic"
+    url: Str | None = None
+    """override the download URL (http(s)://, file:// or a path)"""
+    sha256: Str | None = None
+    """override the expected sha256 of the archive"""
+    path: Str | None = None
+    """local archive or folder (kidney, folder sources)"""
+    dir: PathStr = "data"
+    """folder the raw dataset is written to"""
+    retries: Int = Field(3, ge=0, le=20)
+    """extra download attempts on transient errors"""
+    timeout_s: Float = Field(60.0, ge=1.0, le=3600.0)
+    """socket timeout per download attempt"""
+    max_extract_bytes: Int = Field(16 * 2**30, ge=2**20)
+    """archives: most bytes all entries may unpack to (zip bomb cap)"""
+    max_entry_ratio: Float = Field(200.0, ge=1.0)
+    """archives: most an entry may expand over its compressed size"""
+    max_entries: Int = Field(200_000, ge=1)
+    """archives: most entries an archive may list"""
+    synthetic: SyntheticConfig = SyntheticConfig()
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
         """A checksum override must be a full sha256 (64 hex digits); paths are not blank."""
         for key in ("url", "path"):
-            value = getattr(self, key)
-            if value is not None and not value.strip():
+            if (value := getattr(self, key)) is not None and not value.strip():
                 raise ValueError(f"{key}: an empty string; use null for none")
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)
         ):
             raise ValueError(f"sha256: {self.sha256!r} is not a sha256 (64 hex digits)")
+        return self
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Section):
     """Canonical tiles, labels and distance targets, and the per-tile manifest."""
 
-    out_dir: str = _f("prepared", path=True)
-    tissue_od: float = _f(
-        0.15, min=0.0, max=3.0, help="a pixel is tissue when its largest channel OD exceeds this"
-    )
-    near_blank_tissue: float = _f(
-        0.05, min=0.0, max=1.0, help="a tile with a smaller tissue fraction is flagged near-blank"
-    )
+    out_dir: PathStr = "prepared"
+    tissue_od: Float = Field(0.15, ge=0.0, le=3.0)
+    """a pixel is tissue when its largest channel OD exceeds this"""
+    near_blank_tissue: Frac = 0.05
+    """a tile with a smaller tissue fraction is flagged near-blank"""
 
 
-@dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Section):
     """Patient-level train / validation / test split (no patient in two splits)."""
 
-    test_patients: tuple[str, ...] = _f(
-        (),
-        help="patients held out for testing; empty = the source's default "
-        "(tnbc: split.tnbc_test_patients; others: drawn with split.seed)",
-    )
-    tnbc_test_patients: tuple[str, ...] = _f(
-        ("02", "06", "10"), help="fixed TNBC test patients (docs/data.md says why these)"
-    )
-    test_fraction: float = _f(0.2, min=0.0, max=0.9, help="share of tiles when drawn")
-    val_fraction: float = _f(0.2, min=0.0, max=0.9, help="share of tiles, from training patients")
-    seed: int = _f(0, min=0)
+    test_patients: tuple[Str, ...] = ()
+    """patients held out for testing; empty = the source's default
+    (tnbc: split.tnbc_test_patients; others: drawn with split.seed)"""
+    tnbc_test_patients: tuple[Str, ...] = ("02", "06", "10")
+    """fixed TNBC test patients (docs/data.md says why these)"""
+    test_fraction: Float = Field(0.2, ge=0.0, le=0.9)
+    """share of tiles when drawn"""
+    val_fraction: Float = Field(0.2, ge=0.0, le=0.9)
+    """share of tiles, from training patients"""
+    seed: Count = 0
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
+class ValidateConfig(Section):
     """Great Expectations checks on the prepared manifest and split (see docs/data.md)."""
 
-    min_tiles_per_split: int = _f(1, min=0)
-    min_tile_size: int = _f(64, min=1, help="smallest tile height/width accepted")
-    min_tissue_fraction: float = _f(0.05, min=0.0, max=1.0)
-    mean_nucleus_area: tuple[float, float] = _f(
-        (10.0, 5000.0), min=0.0, ordered=True, help="plausible mean nucleus area per tile, pixels"
-    )
-    od_mean: tuple[float, float] = _f(
-        (0.05, 2.0), min=0.0, ordered=True, help="plausible mean OD of tissue pixels (H&E)"
-    )
-    rgb_mean: tuple[float, float] = _f(
-        (30.0, 245.0), min=0.0, max=255.0, ordered=True, help="plausible mean of each RGB channel"
-    )
-    report: str = _f("reports/validation.html", path=True)
-    metrics: str = _f("metrics/validation.json", path=True)
+    min_tiles_per_split: Count = 1
+    min_tile_size: Int = Field(64, ge=1)
+    """smallest tile height/width accepted"""
+    min_tissue_fraction: Frac = 0.05
+    mean_nucleus_area: Annotated[FloatPair, _pair(0.0)] = (10.0, 5000.0)
+    """plausible mean nucleus area per tile, pixels"""
+    od_mean: Annotated[FloatPair, _pair(0.0)] = (0.05, 2.0)
+    """plausible mean OD of tissue pixels (H&E)"""
+    rgb_mean: Annotated[FloatPair, _pair(0.0, 255.0)] = (30.0, 245.0)
+    """plausible mean of each RGB channel"""
+    report: PathStr = "reports/validation.html"
+    metrics: PathStr = "metrics/validation.json"
 
 
-@dataclass(frozen=True)
-class StainConfig:
+class StainConfig(Section):
     """Stain normalization, fitted on the training split only."""
 
-    method: Literal["none", "reinhard", "macenko"] = _f("none", help="none = the original's")
-    reference: str = _f("pooled", help="'pooled' (pixels of every training tile) or a tile id")
-    max_pixels_per_tile: int = _f(65536, min=256, help="pooled fit: pixels sampled per tile")
-    io: float = _f(240.0, min=1.0, max=255.0, help="Macenko: transmitted light intensity")
-    alpha: float = _f(1.0, min=0.0, max=25.0, help="Macenko: percentile of extreme angles")
-    beta: float = _f(0.15, min=0.0, max=3.0, help="optical density below which it is glass")
-    stained_pixels: Literal["any_channel", "all_channels"] = _f(
-        "any_channel",
-        help="Macenko statistics use pixels with OD >= beta in any channel (keeps pale eosin) or "
-        "in all channels (torchstain's rule)",
-    )
-    min_tissue_fraction: float = _f(
-        0.05, min=0.0, max=1.0, help="tiles with less tissue pass through unchanged"
-    )
-    min_stain_angle: float = _f(
-        10.0, min=0.0, max=90.0, help="Macenko: H and E closer (degrees) = one stain, pass through"
-    )
-    report_tiles: int = _f(4, min=0, max=32, help="patients shown before/after in report.png")
-    out_dir: str = _f("normalized", path=True)
+    method: Literal["none", "reinhard", "macenko"] = "none"
+    """none = the original's"""
+    reference: Str = "pooled"
+    """'pooled' (pixels of every training tile) or a tile id"""
+    max_pixels_per_tile: Int = Field(65536, ge=256)
+    """pooled fit: pixels sampled per tile"""
+    io: Float = Field(240.0, ge=1.0, le=255.0)
+    """Macenko: transmitted light intensity"""
+    alpha: Float = Field(1.0, ge=0.0, le=25.0)
+    """Macenko: percentile of extreme angles"""
+    beta: Float = Field(0.15, ge=0.0, le=3.0)
+    """optical density below which it is glass"""
+    stained_pixels: Literal["any_channel", "all_channels"] = "any_channel"
+    """Macenko statistics use pixels with OD >= beta in any channel (keeps pale eosin) or in all
+    channels (torchstain's rule)"""
+    min_tissue_fraction: Frac = 0.05
+    """tiles with less tissue pass through unchanged"""
+    min_stain_angle: Float = Field(10.0, ge=0.0, le=90.0)
+    """Macenko: H and E closer (degrees) = one stain, pass through"""
+    report_tiles: Int = Field(4, ge=0, le=32)
+    """patients shown before/after in report.png"""
+    out_dir: PathStr = "normalized"
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
         """A tile id reference cannot be empty."""
         if not self.reference.strip():
             raise ValueError("reference: give 'pooled' or a training tile id")
+        return self
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(Section):
     """Training-time augmentation (albumentations), mask-safe."""
 
-    flips: bool = _f(True, help="horizontal and vertical flips (the original's)")
-    rotate90: bool = _f(True, help="random multiples of 90 degrees (the original's)")
-    affine_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a random affine warp")
-    affine_scale: tuple[float, float] = _f((0.9, 1.1), min=0.25, max=4.0, ordered=True)
-    affine_rotate: float = _f(15.0, min=0.0, max=180.0, help="max rotation, degrees")
-    affine_shear: float = _f(5.0, min=0.0, max=45.0, help="max shear, degrees")
-    elastic_p: float = _f(0.0, min=0.0, max=1.0, help="probability of an elastic warp")
-    elastic_alpha: float = _f(30.0, min=0.0, max=1000.0, help="displacement scale, pixels")
-    elastic_sigma: float = _f(6.0, min=0.5, max=100.0, help="displacement smoothness, pixels")
-    blur_p: float = _f(0.0, min=0.0, max=1.0, help="probability of a Gaussian blur")
-    blur_sigma: tuple[float, float] = _f((0.3, 1.2), min=0.05, max=10.0, ordered=True)
-    brightness_contrast_p: float = _f(0.2, min=0.0, max=1.0)
-    brightness: float = _f(0.1, min=0.0, max=1.0, help="max brightness change (fraction)")
-    contrast: float = _f(0.1, min=0.0, max=1.0, help="max contrast change (fraction)")
-    hed_p: float = _f(0.5, min=0.0, max=1.0, help="probability of stain jitter in HED space")
-    hed_sigma: float = _f(0.05, min=0.0, max=1.0, help="H, E, D scaled by U(1-s, 1+s)")
-    hed_bias: float = _f(0.02, min=0.0, max=1.0, help="H, E, D shifted by U(-b, b), OD units")
+    flips: Bool = True
+    """horizontal and vertical flips (the original's)"""
+    rotate90: Bool = True
+    """random multiples of 90 degrees (the original's)"""
+    affine_p: Frac = 0.0
+    """probability of a random affine warp"""
+    affine_scale: Annotated[FloatPair, _pair(0.25, 4.0)] = (0.9, 1.1)
+    affine_rotate: Float = Field(15.0, ge=0.0, le=180.0)
+    """max rotation, degrees"""
+    affine_shear: Float = Field(5.0, ge=0.0, le=45.0)
+    """max shear, degrees"""
+    elastic_p: Frac = 0.0
+    """probability of an elastic warp"""
+    elastic_alpha: Float = Field(30.0, ge=0.0, le=1000.0)
+    """displacement scale, pixels"""
+    elastic_sigma: Float = Field(6.0, ge=0.5, le=100.0)
+    """displacement smoothness, pixels"""
+    blur_p: Frac = 0.0
+    """probability of a Gaussian blur"""
+    blur_sigma: Annotated[FloatPair, _pair(0.05, 10.0)] = (0.3, 1.2)
+    brightness_contrast_p: Frac = 0.2
+    brightness: Frac = 0.1
+    """max brightness change (fraction)"""
+    contrast: Frac = 0.1
+    """max contrast change (fraction)"""
+    hed_p: Frac = 0.5
+    """probability of stain jitter in HED space"""
+    hed_sigma: Frac = 0.05
+    """H, E, D scaled by U(1-s, 1+s)"""
+    hed_bias: Frac = 0.02
+    """H, E, D shifted by U(-b, b), OD units"""
 
-    def validate(self) -> None:
-        """Ranges are (low, high) pairs."""
-        for name in ("affine_scale", "blur_sigma"):
-            lo, hi = getattr(self, name)
-            if lo > hi:
-                raise ValueError(f"{name}: low {lo} is above high {hi}")
 
-
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Training of the distance-map regressor (original: Adam 7e-4, L2 7e-4, MSE, batch 2)."""
 
-    epochs: int = _f(3, min=1, max=100_000)
-    batch_size: int = _f(2, min=1, max=4096)
-    samples_per_epoch: int = _f(0, min=0, help="crops per epoch; 0 = one per training tile")
-    lr: float = _f(7e-4, min=0.0, max=10.0)
-    weight_decay: float = _f(7e-4, min=0.0, max=1.0)
-    optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", help="adam = the original's")
-    scheduler: Literal["none", "cosine", "step"] = _f("none", help="none = the original's")
-    loss: Literal["mse", "mse_bce"] = _f(
-        "mse", help="mse on the 0..255 distance map (original); mse_bce adds a foreground BCE"
-    )
-    fg_loss_weight: float = _f(1.0, min=0.0, help="weight of the foreground term of mse_bce")
-    select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = _f(
-        "aji", help="validation score that picks the best epoch (after post-processing)"
-    )
-    early_stopping_patience: int = _f(0, min=0, help="epochs without improvement; 0 = off")
-    device: Literal["auto", "cpu", "cuda"] = _f(
-        "auto", help="auto = CUDA when present; also used by evaluate and register (re-scoring)"
-    )
-    amp: bool = _f(True, help="automatic mixed precision (CUDA only)")
-    amp_dtype: Literal["float16", "bfloat16"] = _f(
-        "float16", help="AMP precision: float16 (with a GradScaler) or bfloat16 (no scaler)"
-    )
-    channels_last: bool = _f(True, help="channels_last memory format (CUDA only)")
-    threads: int = _f(0, min=0, max=512, help="torch CPU threads; 0 = torch's default")
-    recompute_levels: int = _f(
-        0,
-        min=0,
-        max=4,
-        help="kidney_segnet: recompute the blocks of the N finest resolution levels in backward "
-        "instead of storing their activations (less memory, about 2x step time; same weights)",
-    )
-    workers: int = _f(
-        0,
-        min=0,
-        max=256,
-        help="DataLoader worker processes; 0 = load in the training process (the CPU default); "
-        "about 8 per GPU keeps one busy. Batches do not depend on it",
-    )
-    deterministic: bool = _f(
-        True,
-        help="deterministic algorithms (cudnn autotune off, CUBLAS_WORKSPACE_CONFIG on CUDA); "
-        "false lets cuDNN pick the fastest kernels",
-    )
-    check_every: int = _f(
-        0,
-        min=0,
-        help="steps between host-side NaN/inf checks of the loss (one GPU sync each; always "
-        "at epoch end); 0 = every step on CPU, every 50 on CUDA",
-    )
-    infer_batch_size: int = _f(
-        4, min=1, max=4096, help="windows per forward pass in validation, evaluate and register"
-    )
-    dist_timeout_min: float = _f(
-        60.0,
-        min=1.0,
-        max=10_080.0,
-        help="DDP collective timeout (minutes): the other ranks wait this long for rank 0's "
-        "validation and post-processing fit",
-    )
-    checkpoint_dir: str = _f(
-        ".checkpoints", path=True, help="resumable checkpoints, one folder per config"
-    )
-    out_dir: str = _f(
-        "models/kseg", path=True, help="the model folder evaluate/register/predict use"
-    )
-    experiment: str = _f("kseg", help="MLflow experiment name")
-    val_overlays: int = _f(2, min=0, max=64, help="validation overlay images logged per epoch")
+    epochs: Int = Field(3, ge=1, le=100_000)
+    batch_size: Int = Field(2, ge=1, le=4096)
+    samples_per_epoch: Count = 0
+    """crops per epoch; 0 = one per training tile"""
+    lr: Float = Field(7e-4, ge=0.0, le=10.0)
+    weight_decay: Frac = 7e-4
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """adam = the original's"""
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    """none = the original's"""
+    loss: Literal["mse", "mse_bce"] = "mse"
+    """mse on the 0..255 distance map (original); mse_bce adds a foreground BCE"""
+    fg_loss_weight: Float = Field(1.0, ge=0.0)
+    """weight of the foreground term of mse_bce"""
+    select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = "aji"
+    """validation score that picks the best epoch (after post-processing)"""
+    early_stopping_patience: Count = 0
+    """epochs without improvement; 0 = off"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when present; also used by evaluate and register (re-scoring)"""
+    amp: Bool = True
+    """automatic mixed precision (CUDA only)"""
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    """AMP precision: float16 (with a GradScaler) or bfloat16 (no scaler)"""
+    channels_last: Bool = True
+    """channels_last memory format (CUDA only)"""
+    threads: Int = Field(0, ge=0, le=512)
+    """torch CPU threads; 0 = torch's default"""
+    recompute_levels: Int = Field(0, ge=0, le=4)
+    """kidney_segnet: recompute the blocks of the N finest resolution levels in backward instead
+    of storing their activations (less memory, about 2x step time; same weights)"""
+    workers: Int = Field(0, ge=0, le=256)
+    """DataLoader worker processes; 0 = load in the training process (the CPU default); about 8
+    per GPU keeps one busy. Batches do not depend on it"""
+    deterministic: Bool = True
+    """deterministic algorithms (cudnn autotune off, CUBLAS_WORKSPACE_CONFIG on CUDA); false lets
+    cuDNN pick the fastest kernels"""
+    check_every: Count = 0
+    """steps between host-side NaN/inf checks of the loss (one GPU sync each; always at epoch
+    end); 0 = every step on CPU, every 50 on CUDA"""
+    infer_batch_size: Int = Field(4, ge=1, le=4096)
+    """windows per forward pass in validation, evaluate and register"""
+    dist_timeout_min: Float = Field(60.0, ge=1.0, le=10_080.0)
+    """DDP collective timeout (minutes): the other ranks wait this long for rank 0's validation
+    and post-processing fit"""
+    checkpoint_dir: PathStr = ".checkpoints"
+    """resumable checkpoints, one folder per config"""
+    out_dir: PathStr = "models/kseg"
+    """the model folder evaluate/register/predict use"""
+    experiment: Str = "kseg"
+    """MLflow experiment name"""
+    val_overlays: Int = Field(2, ge=0, le=64)
+    """validation overlay images logged per epoch"""
 
 
-@dataclass(frozen=True)
-class RegisterConfig:
+_ALIAS = r"(?!latest$|[vV]\d+$)[A-Za-z0-9_-]{1,255}"
+
+
+class RegisterConfig(Section):
     """MLflow Model Registry: register every evaluated model, promote it only if it is better."""
 
-    model_name: str = _f("kseg", help="registered model name")
-    metric: Literal["aji", "pq", "dq", "sq", "object_f1", "pixel_f1", "pixel_iou", "dice"] = _f(
-        "aji", help="test metric (metrics/eval.json) that decides; all are higher-is-better"
-    )
-    min_delta: float = _f(
-        0.0, min=0.0, max=1.0, help="the candidate must beat the champion by more than this"
-    )
-    alias: str = _f("champion", help="alias of the best model (models:/<name>@<alias>)")
-    challenger_alias: str | None = _f(
-        "challenger", help="alias set on a version that lost the gate; null = none"
-    )
-    on_split_mismatch: Literal["reevaluate", "refuse"] = _f(
-        "reevaluate",
-        help="champion scored on another test split: score it again here, or stop with an error",
-    )
+    model_name: Str = "kseg"
+    """registered model name"""
+    metric: Literal["aji", "pq", "dq", "sq", "object_f1", "pixel_f1", "pixel_iou", "dice"] = "aji"
+    """test metric (metrics/eval.json) that decides; all are higher-is-better"""
+    min_delta: Frac = 0.0
+    """the candidate must beat the champion by more than this"""
+    alias: Str = "champion"
+    """alias of the best model (models:/<name>@<alias>)"""
+    challenger_alias: Str | None = "challenger"
+    """alias set on a version that lost the gate; null = none"""
+    on_split_mismatch: Literal["reevaluate", "refuse"] = "reevaluate"
+    """champion scored on another test split: score it again here, or stop with an error"""
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
         """A model name, alias names MLflow accepts, and two different aliases."""
         import re
 
         if not self.model_name.strip() or any(c in self.model_name for c in "/@'"):
             raise ValueError(f"model_name: {self.model_name!r} must be non-empty, without / @ '")
-        for key, name in (("alias", self.alias), ("challenger_alias", self.challenger_alias)):
-            if name is None:
-                continue
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", name) or re.fullmatch(
-                r"(latest|[vV]\d+)", name
-            ):
+        for key in ("alias", "challenger_alias"):
+            if (name := getattr(self, key)) is not None and not re.fullmatch(_ALIAS, name):
                 raise ValueError(
                     f"{key}: {name!r} is not a valid MLflow alias (letters, digits, _ and -; "
                     "not 'latest' or v<number>)"
                 )
         if self.alias == self.challenger_alias:
             raise ValueError(f"alias and challenger_alias are both {self.alias!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class PostprocessConfig:
+class PostprocessConfig(Section):
     """Maps -> instances: DIST dynamic watershed (``dist`` head) or marker watershed (``fg_dist``).
 
     With ``fit: true`` the train stage chooses the thresholds of the model's head on the validation
@@ -324,180 +339,126 @@ class PostprocessConfig:
     is used with ``fit: false`` (h 7 / threshold 28 = the original's test settings).
     """
 
-    h: int = _f(7, min=1, max=255, help="dist head: h-maxima depth on the 0..255 scale")
-    foreground_threshold: int = _f(
-        28, min=0, max=255, help="dist head: 0..255 scale; below is background"
-    )
-    watershed_line: bool = _f(True, help="dist head: clear the pixels where two nuclei touch")
-    fg_threshold: float = _f(
-        0.5, min=0.0, max=1.0, help="fg_dist head: foreground probability of a nucleus pixel"
-    )
-    marker_threshold: float = _f(
-        0.5, min=0.0, max=1.0, help="fg_dist head: normalised distance of a nucleus core (marker)"
-    )
-    marker_h: float = _f(
-        0.0,
-        min=0.0,
-        max=1.0,
-        help="fg_dist head: markers are maxima of this dynamic (0..1); 0 = threshold components",
-    )
-    min_size: int = _f(0, min=0, max=1_000_000, help="instances below this many pixels are dropped")
-    fit: bool = _f(
-        True,
-        help="choose the thresholds on the validation patients after training (false: use these)",
-    )
+    h: Int = Field(7, ge=1, le=255)
+    """dist head: h-maxima depth on the 0..255 scale"""
+    foreground_threshold: Int = Field(28, ge=0, le=255)
+    """dist head: 0..255 scale; below is background"""
+    watershed_line: Bool = True
+    """dist head: clear the pixels where two nuclei touch"""
+    fg_threshold: Frac = 0.5
+    """fg_dist head: foreground probability of a nucleus pixel"""
+    marker_threshold: Frac = 0.5
+    """fg_dist head: normalised distance of a nucleus core (marker)"""
+    marker_h: Frac = 0.0
+    """fg_dist head: markers are maxima of this dynamic (0..1); 0 = threshold components"""
+    min_size: Int = Field(0, ge=0, le=1_000_000)
+    """instances below this many pixels are dropped"""
+    fit: Bool = True
+    """choose the thresholds on the validation patients after training (false: use these)"""
 
 
-@dataclass(frozen=True)
-class Params:
+# The sections `validate` and `register` share their names with BaseModel class attributes.
+warnings.filterwarnings("ignore", 'Field name "(validate|register)" in "Params"', UserWarning)
+
+
+class Params(Section):
     """All of ``params.yaml``."""
 
-    seed: int = _f(42, min=0)
-    data: DataConfig = _f(DataConfig())
-    prepare: PrepareConfig = _f(PrepareConfig())
-    split: SplitConfig = _f(SplitConfig())
-    validate: ValidateConfig = _f(ValidateConfig())
-    stain: StainConfig = _f(StainConfig())
-    augment: AugmentConfig = _f(AugmentConfig())
-    model: ModelConfig = _f(ModelConfig())
-    train: TrainConfig = _f(TrainConfig())
-    register: RegisterConfig = _f(RegisterConfig())
-    postprocess: PostprocessConfig = _f(PostprocessConfig())
+    seed: Count = 42
+    data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    split: SplitConfig = SplitConfig()
+    validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # a classmethod too
+    stain: StainConfig = StainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    register: RegisterConfig = RegisterConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading and validation
+# Error messages, loading
 # --------------------------------------------------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (types.UnionType, Union):
+        return " or ".join(_type_name(a) for a in args)
     if origin is tuple:
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return "a list of " + ", ".join(_type_name(a) for a in args)
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+        return "a list of " + ", ".join(_type_name(a) for a in args if a is not Ellipsis)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Converts a YAML value to ``tp`` or raises ConfigError naming ``key``."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        return _convert_union(value, tp, key)
-    if origin is tuple:
-        return _convert_tuple(value, tp, key)
-    return _convert_scalar(value, tp, key)
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _convert_union(value: Any, tp: Any, key: str) -> Any:
-    for arg in get_args(tp):
-        if arg is type(None):
-            if value is None:
-                return None
-            continue
-        try:
-            return _convert(value, arg, key)
-        except ConfigError:
-            pass
-    raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+def _setting(loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
+    """The type and the constraints of the setting at ``loc`` (a pydantic error location)."""
+    tp: Any = Params
+    meta: list[Any] = []
+    for part in loc:
+        if isinstance(part, str):
+            info = tp.model_fields[part]
+            tp, meta = info.annotation, info.metadata
+        else:  # an item of a tuple
+            args = get_args(tp)
+            tp = args[0] if args[-1] is Ellipsis else args[part]
+            tp, *meta = get_args(tp) if get_origin(tp) is Annotated else (tp,)
+    return tp, [m for x in meta for m in (x.metadata if isinstance(x, FieldInfo) else [x])]
 
 
-def _convert_tuple(value: Any, tp: Any, key: str) -> tuple[Any, ...]:
-    if not isinstance(value, list | tuple):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    args = get_args(tp)
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {value!r}")
-    return tuple(
-        _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-    )
+def _message(err: Any) -> str:
+    """One pydantic error as ``key: value and what is allowed``."""
+    loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if kind == "extra_forbidden":
+        parent = key.rpartition(".")[0]
+        names = ", ".join(sorted(_setting(loc[:-1])[0].model_fields))
+        return f"unknown key {key}; allowed keys{' in ' + parent if parent else ''}: {names}"
+    if kind == "value_error":
+        return f"{key or 'params'}: {err['ctx']['error']}"
+    if kind == "missing" or (kind == "too_long" and loc):  # a tuple of the wrong length
+        key, loc = (key.rpartition("[")[0], loc[:-1]) if kind == "missing" else (key, loc)
+        tp = _setting(loc)[0]
+        return f"{key}: expected {len(get_args(tp))} values ({_type_name(tp)}), got {value!r}"
+    tp, meta = _setting(loc)
+    if kind in ("greater_than_equal", "less_than_equal"):
+        lo = next((m.ge for m in meta if hasattr(m, "ge")), None)
+        hi = next((m.le for m in meta if hasattr(m, "le")), None)
+        shown = float(value) if tp is float else value  # as loaded: 2 -> 2.0
+        return f"{key}: {shown!r} is out of range; allowed {_allowed(lo, hi)}"
+    if kind == "finite_number":
+        return f"{key}: {value!r} is not a finite number"
+    if kind in ("model_type", "model_attributes_type"):
+        return f"{key}: expected a mapping of settings, got {value!r}"
+    if get_origin(tp) is Literal:
+        return f"{key}: {value!r} is not allowed; expected {_type_name(tp)}"
+    if get_origin(tp) in (types.UnionType, Union):
+        return f"{key}: {value!r} is not {_type_name(tp)}"
+    return f"{key}: expected {_EXPECTED.get(tp) or _type_name(tp)}, got {value!r}"
 
 
-_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
-    bool: ((bool,), "true or false"),
-    int: ((int,), "an integer"),
-    float: ((int, float), "a number"),
-    str: ((str,), "a string"),
-}
+def config_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> ConfigError:
+    """The first problem of ``err`` as a :class:`ConfigError` (unknown keys first).
 
-
-_INT64 = 2**63 - 1
-
-
-def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
-    if tp not in _SCALARS:
-        raise ConfigError(f"{key}: unsupported setting type {tp!r}")  # a bug in the schema
-    accepted, name = _SCALARS[tp]
-    # bool is a subclass of int in Python; `seed: true` must not pass as 1.
-    if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {name}, got {value!r}")
-    if tp is int and not -_INT64 - 1 <= value <= _INT64:
-        raise ConfigError(f"{key}: {value!r} does not fit a 64-bit integer")
-    if tp is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    return float(value) if tp is float else value
-
-
-def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    items = value if isinstance(value, tuple) else (value,)
-    for item in items:
-        if not isinstance(item, int | float) or isinstance(item, bool):
-            continue
-        lo, hi = meta.get("min"), meta.get("max")
-        if (lo is not None and item < lo) or (hi is not None and item > hi):
-            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed {bounds}")
-    if meta.get("ordered") and len(items) == 2 and items[0] > items[1]:
-        raise ConfigError(
-            f"{key}: {list(value)!r} is inverted; expected [low, high] with low <= high"
-        )
-    if meta.get("path") and not str(value).strip():
-        raise ConfigError(f"{key}: an empty path; give a folder or file name")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {meta['choices']}")
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]!s}; allowed keys{' in ' + prefix if prefix else ''}: "
-            + ", ".join(sorted(fields))
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else name
-        converted = _convert(value, hints[name], key)
-        _check_range(converted, fields[name].metadata, key)
-        kwargs[name] = converted
-    obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as err:
-            raise ConfigError(f"{prefix or 'params'}: {err}") from err
-    return obj
+    Args:
+        err: From validating ``params.yaml`` or, with ``prefix``, one of its sections.
+        prefix: Where the validated model sits in :class:`Params`, e.g. ``("model",)``.
+    """
+    errors = [{**e, "loc": (*prefix, *e["loc"])} for e in err.errors()]
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    first = min(extra, key=lambda e: (len(e["loc"]), e["loc"])) if extra else errors[0]
+    try:
+        return ConfigError(_message(first))
+    except (KeyError, IndexError, AttributeError):  # a shape _message does not know: pydantic's
+        key = ".".join(str(p) for p in first["loc"]) or "params"
+        return ConfigError(f"{key}: {first['msg']}, got {first['input']!r}")
 
 
 def params_from_dict(raw: dict[str, Any] | None) -> Params:
@@ -506,36 +467,30 @@ def params_from_dict(raw: dict[str, Any] | None) -> Params:
     Raises:
         ConfigError: for an unknown key, a wrong type or an out-of-range value.
     """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"params: expected a mapping at the top level, got {type(raw).__name__}")
-    return _build(Params, raw, "")
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise config_error(err) from None
 
 
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
 
-
-def _mapping_no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping",
-                node.start_mark,
-                f"found the key {key!r} twice (first {seen[key]}); YAML would silently keep only "
-                "the last one",
-                key_node.start_mark,
-            )
-        seen[key] = f"line {key_node.start_mark.line + 1}"
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates
-)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if (key := self.construct_object(key_node)) in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice (first line {seen[key]}); YAML would silently "
+                    "keep only the last one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -551,13 +506,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # no objects
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from err
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the parameters file ({err})") from err
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if raw is None:
@@ -568,33 +521,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return params_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+        raise ConfigError(f"{path}: {err}") from None
 
 
-def to_dict(obj: Any) -> Any:
+def setting_type(section: type[BaseModel], name: str) -> Any:
+    """The type of one setting with its constraints and help, e.g. for a Prefect flow parameter."""
+    info = section.model_fields[name]
+    return Annotated[(info.annotation, *info.metadata, Field(description=info.description))]
+
+
+def to_dict(obj: BaseModel) -> dict[str, Any]:
     """Plain-JSON view of a config object (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [to_dict(v) for v in obj]
-    return obj
+    return obj.model_dump(mode="json")
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: BaseModel, prefix: str = "") -> dict[str, Any]:
     """``{"train.lr": 0.001, ...}`` view of a config, for experiment trackers.
 
     URLs lose their credentials and query strings (:func:`kseg.safety.redact`).
     """
     from kseg.safety import redact_tree
 
-    out: dict[str, Any] = {}
-    for key, value in redact_tree(to_dict(obj)).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_dict(value, name + "."))
-        else:
-            out[name] = value
-    return out
+    return flatten_dict(redact_tree(to_dict(obj)), prefix)
 
 
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -614,7 +562,7 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def save_config(obj: Any, path: str | Path) -> Path:
+def save_config(obj: BaseModel, path: str | Path) -> Path:
     """Writes a config object as JSON next to the artifact that depends on it (atomically).
 
     URLs lose their credentials and query strings (:func:`kseg.safety.redact`).

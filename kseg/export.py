@@ -28,7 +28,6 @@ augmentation, the post-processing values fitted on validation, the stain normali
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -151,7 +150,7 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
             "blend": "sin^2 ramp per window edge (flat on image borders), see kseg.infer",
             "tta": cfg.infer_tta,
         },
-        "postprocess": dataclasses.asdict(post),
+        "postprocess": post.model_dump(),
         "stain": stain,
     }
 

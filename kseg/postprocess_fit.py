@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def fit_postprocess(
 
     def scores(cfg: PostprocessConfig) -> list[float]:
         """Mean score of ``cfg`` for each minimum size (one watershed per tile for all sizes)."""
-        found = [postprocess_maps(m, replace(cfg, min_size=0)) for m in maps]
+        found = [postprocess_maps(m, cfg.model_copy(update={"min_size": 0})) for m in maps]
         return [
             float(
                 np.mean(
@@ -97,10 +96,10 @@ def fit_postprocess(
     best, best_score, rows = base, -np.inf, []
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
-        for size, value in zip(sizes, scores(replace(base, **point)), strict=True):
+        for size, value in zip(sizes, scores(base.model_copy(update=point)), strict=True):
             rows.append({**point, "min_size": size, metric: round(value, 5)})
             if value > best_score:
-                best, best_score = replace(base, **point, min_size=size), value
+                best, best_score = base.model_copy(update={**point, "min_size": size}), value
     pairs = zip(maps, truth, strict=True)
     base_score = np.mean(
         [segmentation_metrics(postprocess_maps(m, base), gt)[metric] for m, gt in pairs]
@@ -112,7 +111,7 @@ def fit_postprocess(
 def save_postprocess(folder: Path, cfg: PostprocessConfig, report: dict[str, Any]) -> Path:
     """Writes ``postprocess.json`` (the values and how they were chosen) into a model folder."""
     payload = {
-        "postprocess": asdict(cfg),
+        "postprocess": cfg.model_dump(),
         "fitted": {k: v for k, v in report.items() if k != "grid"},
     }
     return atomic_write_text(Path(folder) / POSTPROCESS_FILE, json.dumps(payload, indent=2) + "\n")

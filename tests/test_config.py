@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from kseg.config import (
     ConfigError,
@@ -95,7 +95,7 @@ def test_types_are_converted_and_frozen() -> None:
     )
     assert params.split.test_patients == ("01", "02")
     assert isinstance(params.split.val_fraction, float)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         params.seed = 3  # type: ignore[misc]
 
 
@@ -123,3 +123,72 @@ def test_roundtrip_save_and_hash(tmp_path: Path) -> None:
     flat = flatten(params)
     assert flat["data.synthetic.seed"] == params.data.synthetic.seed
     assert yaml.safe_load(yaml.safe_dump(to_dict(params))) == to_dict(params)
+
+
+def test_sections_are_hashable_picklable_and_copied_with_model_copy() -> None:
+    import pickle
+
+    from kseg.config import PostprocessConfig
+
+    params = load_params(REPO / "params.yaml")
+    assert pickle.loads(pickle.dumps(params)) == params
+    assert hash(params_from_dict({})) == hash(Params())
+    assert {params.postprocess: 1}[PostprocessConfig(**to_dict(params.postprocess))] == 1
+    post = params.postprocess.model_copy(update={"min_size": 5})
+    assert (post.min_size, params.postprocess.min_size) == (5, 0)
+    # Field help is the docstring under each field (shown by the Prefect UI, JSON schema).
+    assert "h-maxima" in (PostprocessConfig.model_fields["h"].description or "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"seed": 2**64}, f"seed: {2**64} does not fit a 64-bit integer"),
+        ({"train": {"lr": float("nan")}}, "train.lr: nan is not a finite number"),
+        (
+            {"split": {"val_fraction": 2}},
+            "split.val_fraction: 2.0 is out of range; allowed [0.0, 0.9]",
+        ),
+        (
+            {"data": {"synthetic": {"nucleus_radius": [-3, 5]}}},
+            "data.synthetic.nucleus_radius: (-3.0, 5.0) is out of range; allowed [1.0, 256.0]",
+        ),
+        (
+            {"augment": {"affine_scale": [1.2, 0.8]}},
+            "augment.affine_scale: [1.2, 0.8] is inverted; expected [low, high] with low <= high",
+        ),
+        (
+            {"data": {"synthetic": {"nuclei_per_tile": [3, 4, 5]}}},
+            "data.synthetic.nuclei_per_tile: expected 2 values (a list of int, int), got [3, 4, 5]",
+        ),
+        (
+            {"split": {"test_patients": ["01", 2]}},
+            "split.test_patients[1]: expected a string, got 2",
+        ),
+        ({"data": {"dir": " "}}, "data.dir: an empty path; give a folder or file name"),
+        ({"data": {"sha256": "abc"}}, "data: sha256: 'abc' is not a sha256 (64 hex digits)"),
+        ({"model": {"tile_size": 33}}, "model: model.tile_size=33: must be a multiple of 8"),
+        ({"model": {"head": None}}, "model.head: None is not allowed; expected one of 'dist'"),
+        ({"data": {"zz": 1, "aa": 2}}, "unknown key data.aa; allowed keys in data: dir,"),
+        ({"dataa": {}, "data": {"sorce": 1}}, "unknown key dataa; allowed keys: augment,"),
+    ],
+)
+def test_messages_are_the_hand_written_ones(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    assert str(info.value).startswith(message)
+
+
+def test_model_config_changes_and_files_are_validated_like_params_yaml() -> None:
+    from kseg.model.config import ModelConfig
+    from kseg.model.io import config_from_dict
+
+    cfg = ModelConfig()
+    assert cfg.with_(tile_size=64).tile_size == 64
+    with pytest.raises(ConfigError, match=r"unknown key model\.bogus"):
+        cfg.with_(bogus=1)
+    with pytest.raises(ConfigError, match=r"model\.arch: 'x' is not allowed"):
+        cfg.with_(arch="x")
+    with pytest.raises(ValueError, match=r"c\.json: model\.nfeat: expected an integer, got 'a'"):
+        config_from_dict({"nfeat": "a"}, "c.json")
+    assert config_from_dict({"aspp_rates": [4, 6]}).aspp_rates == (4, 6)

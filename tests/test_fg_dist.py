@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -144,7 +143,7 @@ def test_fit_postprocess_for_the_dist_head_varies_h_and_threshold() -> None:
 
 
 def test_postprocess_json_round_trip_and_bad_file(tmp_path) -> None:
-    cfg = replace(PostprocessConfig(), fg_threshold=0.3, marker_threshold=0.6, min_size=10)
+    cfg = PostprocessConfig(fg_threshold=0.3, marker_threshold=0.6, min_size=10)
     save_postprocess(tmp_path, cfg, {"metric": "aji", "score": 0.7, "grid": [1, 2]})
     assert load_postprocess(tmp_path) == cfg
     raw = json.loads((tmp_path / "postprocess.json").read_text())

@@ -75,6 +75,36 @@ def test_set_params_keeps_comments_and_validates_before_writing(tmp_path: Path) 
     assert path.read_text() == text
 
 
+def test_flow_parameter_types_come_from_the_params_models() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from kseg.config import DataConfig, TrainConfig
+
+    props = parameter_schema(retrain.fn).model_dump()["properties"]
+
+    def allowed(name: str) -> dict:
+        return next(t for t in props[name]["anyOf"] if t.get("type") != "null")
+
+    source = DataConfig.model_fields["source"].annotation
+    assert allowed("source")["enum"] == list(source.__args__)
+    device = TrainConfig.model_fields["device"].annotation
+    assert allowed("device")["enum"] == list(device.__args__)
+    epochs = TrainConfig.model_json_schema()["properties"]["epochs"]
+    assert (allowed("epochs")["minimum"], allowed("epochs")["maximum"]) == (
+        epochs["minimum"],
+        epochs["maximum"],
+    )
+    assert allowed("url")["type"] == allowed("sha256")["type"] == "string"
+    # Prefect checks a run's values against the same rules before params.yaml is touched.
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError):
+        retrain.validate_parameters({"epochs": 0})
+    with pytest.raises(ParameterTypeError):
+        retrain.validate_parameters({"device": "gpu"})
+    assert retrain.validate_parameters({"epochs": 2, "device": "cpu"})["epochs"] == 2
+
+
 def test_stage_order_follows_the_dependency_graph(tmp_path: Path) -> None:
     stages = {
         "report": {"cmd": "x", "deps": ["metrics/eval.json"]},

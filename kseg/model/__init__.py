@@ -62,10 +62,8 @@ __all__ = [
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """The network described by ``cfg`` (``kidney_segnet`` or ``unet``), in training mode.
 
-    Raises:
-        ValueError: If ``cfg`` is invalid (e.g. a tile size that is not a multiple of 8).
+    ``cfg`` was validated when it was made (a pydantic model), so its rules hold here.
     """
-    cfg.validate()
     if cfg.arch == "kidney_segnet":
         from kseg.model.net import KidneySegNet
 

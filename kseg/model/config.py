@@ -16,12 +16,20 @@ Two presets matter:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(BaseModel):
     """Architecture, width and the named fixes of the segmentation network.
 
     Attributes:
@@ -58,56 +66,34 @@ class ModelConfig:
             distance, as DIST/HoVer-Net-style models do; see docs/training.md).
     """
 
-    arch: Literal["kidney_segnet", "unet"] = field(
-        default="kidney_segnet", metadata={"help": "kidney_segnet or the unet baseline"}
-    )
-    nfeat: int = field(default=16, metadata={"min": 1, "max": 512})
-    mid_channels: int = field(default=128, metadata={"min": 1, "max": 4096})
-    tile_size: int = field(default=256, metadata={"min": 16, "max": 4096})
-    aspp_rates: tuple[int, ...] = field(
-        default=(4, 6, 8), metadata={"help": "dilation of the dilated DiCE pyramid branches"}
-    )
-    dice_impl: Literal["fast", "reference"] = field(
-        default="fast", metadata={"help": "fast (default) or the slow line-by-line reference"}
-    )
-    fix_decoder_concat_upsampled: bool = field(
-        default=True, metadata={"help": "decoder also gets the upsampled deeper features"}
-    )
-    fix_aspp_adaptive_pool: bool = field(
-        default=True, metadata={"help": "pyramid image pooling works at any input size"}
-    )
-    fix_drop_unused_upconv: bool = field(
-        default=True, metadata={"help": "do not build upconv1..3 when they are unused"}
-    )
-    dice_dim_kernels: Literal["per_position", "shared"] = field(
-        default="per_position",
-        metadata={
-            "help": "per_position = the original (one height-wise kernel per row, one width-wise "
-            "per column); shared = one each, translation-equivariant and any input size"
-        },
-    )
-    infer_window: int = field(
-        default=0,
-        metadata={
-            "min": 0,
-            "max": 8192,
-            "help": "inference window edge; 0 = tile_size. Larger windows (more context, fewer "
-            "seams, fewer passes) need a size-agnostic network: unet or dice_dim_kernels shared",
-        },
-    )
-    infer_tta: Literal["none", "flips"] = field(
-        default="none",
-        metadata={
-            "help": "test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"
-        },
-    )
-    head: Literal["dist", "fg_dist"] = field(
-        default="dist",
-        metadata={
-            "help": "dist = the original's 1-channel 0..255 distance map (ReLU); fg_dist = "
-            "foreground logit + per-nucleus normalised distance logit (2 channels)"
-        },
-    )
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    arch: Literal["kidney_segnet", "unet"] = "kidney_segnet"
+    """kidney_segnet or the unet baseline"""
+    nfeat: StrictInt = Field(16, ge=1, le=512)
+    mid_channels: StrictInt = Field(128, ge=1, le=4096)
+    tile_size: StrictInt = Field(256, ge=16, le=4096)
+    aspp_rates: tuple[StrictInt, ...] = (4, 6, 8)
+    """dilation of the dilated DiCE pyramid branches"""
+    dice_impl: Literal["fast", "reference"] = "fast"
+    """fast (default) or the slow line-by-line reference"""
+    fix_decoder_concat_upsampled: StrictBool = True
+    """decoder also gets the upsampled deeper features"""
+    fix_aspp_adaptive_pool: StrictBool = True
+    """pyramid image pooling works at any input size"""
+    fix_drop_unused_upconv: StrictBool = True
+    """do not build upconv1..3 when they are unused"""
+    dice_dim_kernels: Literal["per_position", "shared"] = "per_position"
+    """per_position = the original (one height-wise kernel per row, one width-wise per column);
+    shared = one each, translation-equivariant and any input size"""
+    infer_window: StrictInt = Field(0, ge=0, le=8192)
+    """inference window edge; 0 = tile_size. Larger windows (more context, fewer seams, fewer
+    passes) need a size-agnostic network: unet or dice_dim_kernels shared"""
+    infer_tta: Literal["none", "flips"] = "none"
+    """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"""
+    head: Literal["dist", "fg_dist"] = "dist"
+    """dist = the original's 1-channel 0..255 distance map (ReLU); fg_dist = foreground logit +
+    per-nucleus normalised distance logit (2 channels)"""
 
     @property
     def out_channels(self) -> int:
@@ -132,7 +118,8 @@ class ModelConfig:
             ]
         return []
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
         """Cross-field rules: the tile must survive three 2x poolings.
 
         Raises:
@@ -163,6 +150,7 @@ class ModelConfig:
         if self.arch == "kidney_segnet" and self.nfeat < 4:
             # The DiCE gate squeezes C -> C // 4; nfeat < 4 would give a zero-width layer.
             raise ValueError(f"model.nfeat={self.nfeat}: kidney_segnet needs nfeat >= 4")
+        return self
 
     @classmethod
     def original_compatible(
@@ -198,7 +186,14 @@ class ModelConfig:
         return self.infer_window or self.tile_size
 
     def with_(self, **changes: object) -> ModelConfig:
-        """Returns a copy with ``changes`` applied (validated)."""
-        new = replace(self, **changes)  # type: ignore[arg-type]
-        new.validate()
-        return new
+        """Returns a copy with ``changes`` applied, validated like ``params.yaml``.
+
+        Raises:
+            kseg.config.ConfigError: naming the ``model.`` key and the rule.
+        """
+        try:
+            return ModelConfig.model_validate({**self.__dict__, **changes})
+        except ValidationError as err:
+            from kseg.config import config_error
+
+            raise config_error(err, ("model",)) from None

@@ -18,8 +18,6 @@ convolutions without calling the submodules).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -83,7 +81,7 @@ def model_info(
     from kseg.model import build_model
 
     t = tile_size or cfg.tile_size
-    model = build_model(dataclasses.replace(cfg, dice_impl="reference")).eval()
+    model = build_model(cfg.model_copy(update={"dice_impl": "reference"})).eval()
     n_macs, macs_conv, used = -1, -1, -1
     if macs:
         n_macs, macs_conv, used = _count_macs(model, torch.zeros(1, 3, t, t))

@@ -6,14 +6,13 @@ these helpers only touch their two files.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from kseg.fsutil import atomic_write_bytes, atomic_write_text
 from kseg.model.config import ModelConfig
@@ -24,27 +23,17 @@ CONFIG_FILE = "config.json"
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The config as a JSON-able dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    return cfg.model_dump(mode="json")
 
 
 def config_from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
     """Builds a validated ModelConfig from ``d``, naming ``source`` in errors."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown model config keys {unknown}; known: {sorted(names)}")
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in kw.items():
-        allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else ()
-        if allowed and value not in allowed:
-            raise ValueError(f"{source}: model.{key}={value!r}: expected one of {list(allowed)}")
+    from kseg.config import config_error
+
     try:
-        cfg = ModelConfig(**kw)
-        cfg.validate()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: invalid model config: {err}") from err
-    return cfg
+        return ModelConfig.model_validate(d)
+    except ValidationError as err:
+        raise ValueError(f"{source}: {config_error(err, ('model',))}") from None
 
 
 def save_model_folder(
