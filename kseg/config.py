@@ -254,6 +254,9 @@ class TrainConfig(Section):
     """weight of the foreground term of mse_bce"""
     select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = "aji"
     """validation score that picks the best epoch (after post-processing)"""
+    ema_decay: Float = Field(0.0, ge=0.0, le=0.9999)
+    """exponential moving average of the weights (and BatchNorm statistics) after every step;
+    validation, selection and the saved model use the average; 0 = off (the original's)"""
     early_stopping_patience: Count = 0
     """epochs without improvement; 0 = off"""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -30,7 +30,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,6 +306,31 @@ def fingerprint(params: Params, tiles: list[Tiles]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def weight_average(
+    model: torch.nn.Module, decay: float
+) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics, or None.
+
+    ``avg = decay * avg + (1 - decay) * current`` after every optimizer step (the first step
+    copies), with torch's :class:`~torch.optim.swa_utils.AveragedModel`; integer buffers (the
+    BatchNorm batch counters) are copied, not averaged. With ``decay`` 0 there is no average.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if decay <= 0.0:
+        return None
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if torch.is_floating_point(averaged[0]):  # grouped by dtype: all or none are floats
+            lerp(averaged, current, n)
+        else:
+            for avg, cur in zip(averaged, current, strict=True):
+                avg.copy_(cur)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -315,6 +340,7 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor],
     scaler: torch.amp.GradScaler | None = None,
     device: torch.device | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> None:
     """Writes the resumable checkpoint atomically (temp file + rename).
 
@@ -329,6 +355,7 @@ def save_checkpoint(
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
+        "ema": ema.state_dict() if ema is not None else {},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": cuda_rng,
         "epoch": state.epoch,
@@ -363,6 +390,7 @@ def restore_checkpoint(
     sched: Any,
     scaler: torch.amp.GradScaler | None = None,
     device: torch.device | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Loads a checkpoint's states into the run's objects; returns the TrainState and best weights.
 
@@ -374,6 +402,8 @@ def restore_checkpoint(
     sched.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:  # the fingerprint covers train.ema_decay: a run with one has one
+        ema.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["torch_rng"])
     cuda_rng = ckpt.get("cuda_rng")
     if device is not None and device.type == "cuda" and cuda_rng is not None and cuda_rng.numel():
@@ -475,6 +505,7 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
     progress: Any = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     cfg = params.train
     model.train()
@@ -501,6 +532,8 @@ def _train_epoch(
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if after_step is not None:
+            after_step()
         total += loss.detach().double() * len(x)
         count += len(x)
         if progress is not None:
@@ -583,6 +616,9 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         model.recompute_levels = cfg.recompute_levels
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    # The average validates, is selected and is saved; the raw weights keep training.
+    ema = weight_average(model, cfg.ema_decay)
+    evaluated = ema.module if ema is not None else model
     opt = _optimizer(params, model)
     sched = _scheduler(params, opt)
     # fp16 needs loss scaling; bf16 has float32's range and does not.
@@ -592,7 +628,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        state, best_state = restore_checkpoint(ckpt, model, opt, sched, scaler, device)
+        state, best_state = restore_checkpoint(ckpt, model, opt, sched, scaler, device, ema)
         if rank == 0:
             log.info("resuming from %s after epoch %d", ckpt_path, state.epoch)
 
@@ -643,7 +679,10 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
-            row = _train_epoch(params, net, loader, opt, scaler, device, epoch, progress)
+            after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
+            row = _train_epoch(
+                params, net, loader, opt, scaler, device, epoch, progress, after_step
+            )
             sched.step()
             stop = stop_flag(device)  # NCCL broadcasts device tensors only
             if rank == 0:
@@ -652,7 +691,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                 row.update(
                     validate_epoch(
                         params,
-                        model,
+                        evaluated,
                         val_tiles,
                         preprocess,
                         device,
@@ -668,12 +707,14 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                 if score > state.best_score:
                     state.best_score, state.best_epoch = score, epoch + 1
                     best_state = {
-                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                        k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()
                     }
                 state.epoch = epoch + 1
                 state.history.append({"epoch": epoch + 1, **row})
                 # Checkpoint first: a tracking server dying here must not cost the epoch.
-                save_checkpoint(ckpt_path, model, opt, sched, state, best_state, scaler, device)
+                save_checkpoint(
+                    ckpt_path, model, opt, sched, state, best_state, scaler, device, ema
+                )
                 tracker.log_metrics(row, step=epoch + 1)
                 _log_epoch(state, row, cfg.epochs)
                 patience = cfg.early_stopping_patience

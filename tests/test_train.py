@@ -166,7 +166,10 @@ def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) 
     straight = copy_project(prepared, tmp_path / "straight")
     killed = copy_project(prepared, tmp_path / "killed")
     for folder in (straight, killed):
+        # With a weight average: it is saved, so it must also be resumed exactly.
         text = (folder / "params.yaml").read_text().replace("epochs: 2", "epochs: 4")
+        text = text.replace("ema_decay: 0.0", "ema_decay: 0.5")
+        assert "ema_decay: 0.5" in text
         (folder / "params.yaml").write_text(text)
     proc = kseg_process(["train", *overrides], straight, _mlflow_env(straight))
     assert proc.wait(timeout=600) == 0, proc.stdout.read() if proc.stdout else ""
@@ -188,6 +191,16 @@ def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) 
     assert proc.returncode == 0, out
     assert re.search(r"resuming from .* after epoch [123]", out), out
     _assert_same_weights(_weights(straight), _weights(killed))
+    # The last epoch's raw weights and weight average too (the saved model is the best epoch's).
+    from kseg.train import load_checkpoint
+
+    last = [
+        load_checkpoint(next((f / ".checkpoints").glob("*/checkpoint.pt")))
+        for f in (straight, killed)
+    ]
+    assert last[0]["epoch"] == last[1]["epoch"] == 4
+    _assert_same_weights(last[0]["model"], last[1]["model"])
+    _assert_same_weights(last[0]["ema"], last[1]["ema"])
 
 
 def test_torchrun_two_ranks_gloo(prepared: Path, tmp_path: Path) -> None:
@@ -314,3 +327,27 @@ def test_lineage_reads_real_git_status(tmp_path: Path, monkeypatch: pytest.Monke
     assert lineage_tags(params, "cpu")["git_dirty"] == "false"
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text() + "\n# edited\n")
     assert lineage_tags(params, "cpu")["git_dirty"] == "true"
+
+
+def test_weight_average_is_the_decayed_mean_of_weights_and_batchnorm_statistics() -> None:
+    from kseg.train import weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    ema = weight_average(net, 0.9)
+    weights, means = [], []
+    for step in range(3):  # three "optimizer steps", each setting known values
+        with torch.no_grad():
+            net[0].weight.fill_(float(step + 1))
+        net(torch.randn(4, 1, 3, 3) + step)  # train mode: BatchNorm statistics move
+        weights.append(net[0].weight.detach().clone())
+        means.append(net[1].running_mean.clone())
+        ema.update_parameters(net)
+    # avg_0 = w_0, avg_t = 0.9 avg_(t-1) + 0.1 w_t
+    expect_w = (0.9 * (0.9 * weights[0] + 0.1 * weights[1])) + 0.1 * weights[2]
+    expect_m = (0.9 * (0.9 * means[0] + 0.1 * means[1])) + 0.1 * means[2]
+    assert torch.allclose(ema.module[0].weight, expect_w, atol=1e-6)
+    assert torch.allclose(ema.module[1].running_mean, expect_m, atol=1e-6)
+    assert not torch.allclose(ema.module[0].weight, weights[2])  # not just the last weights
+    # The batch counter is copied, not averaged into a fraction.
+    assert int(ema.module[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 3
