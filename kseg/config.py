@@ -255,7 +255,7 @@ class TrainConfig(Section):
     select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = "aji"
     """validation score that picks the best epoch (after post-processing)"""
     ema_decay: Float = Field(0.0, ge=0.0, le=0.9999)
-    """exponential moving average of the weights (and BatchNorm statistics) after every step;
+    """exponential moving average of the weights after every step (BatchNorm statistics copied);
     validation, selection and the saved model use the average; 0 = off (the original's)"""
     early_stopping_patience: Count = 0
     """epochs without improvement; 0 = off"""

@@ -670,10 +670,10 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             def on_val_tile() -> None:
                 progress.update(val_task, advance=1)
 
+        after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
-            after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
             row = _train_epoch(
                 params, net, loader, opt, scaler, device, epoch, progress, after_step
             )
