@@ -1,6 +1,9 @@
 """glibc allocator modes (kseg.model.perf): what each does to memory that torch frees.
 
-Run in fresh processes: mallopt is process-wide and the first mode applied would stick.
+Run in fresh processes: mallopt is process-wide and the first mode applied would stick. glibc's own
+default is not asserted: whether it hands freed activations back depends on the process's
+allocation history (its dynamic mmap threshold, whether the freed blocks end at the heap top) and
+differed between two machines of the same type, so it is no fixed fact to test kseg against.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json, os, sys
 import torch
 from kseg.model import perf
 mode = sys.argv[1]
-modes = {"cap": perf.cap_cpu_heap, "reuse": perf.tune_cpu_allocator, "default": lambda: True}
+modes = {"cap": perf.cap_cpu_heap, "reuse": perf.tune_cpu_allocator}
 applied = modes[mode]()
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
@@ -28,6 +31,9 @@ del warm
 before = rss()
 # Eight live 8 MiB activations (below glibc's 32 MiB dynamic mmap ceiling), then freed.
 blocks = [torch.ones(2 << 20) for _ in range(8)]
+# A small tensor that stays live, allocated after them: it sits above the blocks, as the next
+# layer's small buffers do in training, so a heap cannot shrink back past it.
+pin = torch.ones(16 << 10)
 held = rss()
 del blocks
 print(json.dumps({"applied": applied, "held": held - before, "after_free": rss() - before}))
@@ -44,14 +50,11 @@ def _run(mode: str) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_cap_returns_freed_tensors_and_reuse_keeps_them() -> None:
     mib = 1 << 20
-    cap, reuse, default = _run("cap"), _run("reuse"), _run("default")
+    cap, reuse = _run("cap"), _run("reuse")
     assert cap["applied"] and reuse["applied"]
-    for run in (cap, reuse, default):
+    for run in (cap, reuse):
         # 64 MiB were live (tune_cpu_allocator serves the first 28 from the warm-up's free block).
         assert run["held"] > 32 * mib
-    # glibc's default, after one large free, keeps blocks below 28 MiB in the heap: the
-    # fragmentation that made a recomputing run peak at 3.7 GB instead of 2.5 GB.
-    assert default["after_free"] > default["held"] - 8 * mib
     # cap_cpu_heap (recomputing training runs): freed tensors leave the process at once.
     assert cap["after_free"] < 8 * mib
     # tune_cpu_allocator (speed): the heap keeps them for reuse.
