@@ -252,6 +252,10 @@ class TrainConfig(Section):
     """mse on the 0..255 distance map (original); mse_bce adds a foreground BCE"""
     fg_loss_weight: Float = Field(1.0, ge=0.0)
     """weight of the foreground term of mse_bce"""
+    input_norm: Literal["dataset", "percentile"] = "dataset"
+    """network input: dataset = per-channel mean/std of the training tiles (kseg's fix of the
+    original's mean image); percentile = each crop / inference window scaled by its own
+    1st-99.8th percentiles per channel (stardist, cellpose). Saved in preprocess.json"""
     select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = "aji"
     """validation score that picks the best epoch (after post-processing)"""
     ema_decay: Float = Field(0.0, ge=0.0, le=0.9999)

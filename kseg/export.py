@@ -127,11 +127,7 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
             "width": size or "dynamic",
             "multiple_of": 8,
             "shape_note": shape_note,
-            "preprocess": {
-                "mean": list(pre.mean),
-                "std": list(pre.std),
-                "formula": "(rgb_0_255 - mean) / std per channel, after stain normalization",
-            },
+            "preprocess": _preprocess_meta(pre),
         },
         "output": {
             "name": OUTPUT_NAME,
@@ -152,6 +148,24 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
         },
         "postprocess": post.model_dump(),
         "stain": stain,
+    }
+
+
+def _preprocess_meta(pre: Any) -> dict[str, Any]:
+    """How to turn RGB 0..255 into the network input, for a runtime without kseg."""
+    if pre.mode == "percentile":
+        return {
+            "mode": "percentile",
+            "percentiles": list(pre.percentiles),
+            "formula": "(rgb_0_255 - p_low) / max(p_high - p_low, 1) per channel and per input "
+            "window, p = that window's percentiles (linear interpolation), after stain "
+            "normalization",
+        }
+    return {
+        "mode": "dataset",
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "formula": "(rgb_0_255 - mean) / std per channel, after stain normalization",
     }
 
 

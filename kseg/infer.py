@@ -24,31 +24,63 @@ from kseg.fsutil import atomic_write_text
 PREPROCESS_FILE = "preprocess.json"
 
 
+INPUT_NORMS = ("dataset", "percentile")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Input normalization of the network: per-channel mean and std on the 0..255 scale.
+    """Input normalization of the network, saved in the model folder as ``preprocess.json``.
 
-    Fitted on the (stain-normalized) training tiles and saved in the model folder. The original
-    subtracts a per-pixel BGR mean image from RGB input (a channel-order bug); kseg standardizes per
-    channel instead, which works for any tile size.
+    ``mode="dataset"``: per-channel ``(x - mean) / std`` with the mean and std of the
+    (stain-normalized) training tiles on the 0..255 scale. The original subtracts a per-pixel BGR
+    mean image from RGB input (a channel-order bug); kseg standardizes per channel instead, which
+    works for any tile size. ``mode="percentile"``: every network input (a training crop, an
+    inference window) is scaled by its own per-channel percentiles, ``low -> 0`` and ``high -> 1``
+    (stardist's and cellpose's default), so a paler or darker stain reaches the network at the same
+    contrast; ``mean``/``std`` are then only recorded.
     """
 
     mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
     std: tuple[float, float, float] = (64.0, 64.0, 64.0)
+    mode: str = "dataset"
+    percentiles: tuple[float, float] = (1.0, 99.8)
+
+    def __post_init__(self) -> None:
+        if self.mode not in INPUT_NORMS:
+            raise ValueError(f"input normalization {self.mode!r}; expected one of {INPUT_NORMS}")
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles {self.percentiles!r}; expected 0 <= low < high <= 100")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float on the 0..255 scale -> the network's input (same shape)."""
+        if self.mode == "dataset":
+            mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            return (x - mean) / std
+        flat = x.flatten(2)  # (B, 3, H * W)
+        # torch.quantile refuses inputs above 2**24 elements: large windows are subsampled on a
+        # fixed stride (deterministic; 2**18 pixels pin the percentiles to well under a grey level).
+        flat = flat[..., :: max(1, flat.shape[-1] >> 18)]
+        q = torch.tensor(self.percentiles, device=x.device, dtype=flat.dtype) / 100.0
+        low, high = torch.quantile(flat, q, dim=-1, keepdim=True).unsqueeze(-1)  # (B, 3, 1, 1)
+        # A flat input (blank glass) would divide by ~0: one grey level is the smallest range.
+        return (x - low) / (high - low).clamp_min(1.0)
 
     def to_tensor(self, images: NDArray[np.uint8]) -> torch.Tensor:
-        """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 standardized."""
+        """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 normalized."""
         arr = np.asarray(images)
         if arr.ndim == 3:
             arr = arr[None]
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return self.normalize(x)
 
     def save(self, folder: Path) -> Path:
         """Writes ``preprocess.json`` into ``folder``."""
-        return atomic_write_text(Path(folder) / PREPROCESS_FILE, json.dumps(asdict(self)) + "\n")
+        raw = asdict(self)
+        if self.mode == "dataset":  # the file of every model made before input_norm existed
+            del raw["mode"], raw["percentiles"]
+        return atomic_write_text(Path(folder) / PREPROCESS_FILE, json.dumps(raw) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> Preprocess:
@@ -66,11 +98,20 @@ class Preprocess:
             )
         if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
             raise ValueError(f"{path}: mean must be finite and std finite and positive")
-        return cls(mean=mean, std=std)
+        try:
+            percentiles = tuple(float(v) for v in raw.get("percentiles", (1.0, 99.8)))
+            return cls(mean, std, str(raw.get("mode", "dataset")), percentiles)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @classmethod
-    def fit(cls, images: list[NDArray[np.uint8]]) -> Preprocess:
-        """Per-channel mean and std over all pixels of ``images`` (each ``(H, W, 3)`` uint8)."""
+    def fit(cls, images: list[NDArray[np.uint8]], mode: str = "dataset") -> Preprocess:
+        """Per-channel mean and std over all pixels of ``images`` (each ``(H, W, 3)`` uint8).
+
+        Args:
+            images: The training tiles.
+            mode: ``dataset`` or ``percentile`` (see the class).
+        """
         total = np.zeros(3)
         total_sq = np.zeros(3)
         count = 0
@@ -81,7 +122,7 @@ class Preprocess:
             count += len(pix)
         mean = total / max(count, 1)
         std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1.0))
-        return cls(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+        return cls(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), mode=mode)
 
 
 def window_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -139,10 +180,7 @@ def _window_weights(tile: int, device: torch.device) -> dict[tuple[bool, ...], t
 
 def _standardize(preprocess: Preprocess, crops: torch.Tensor) -> torch.Tensor:
     """``(B, H, W, 3)`` uint8 on any device -> ``(B, 3, H, W)`` float32, as ``to_tensor``."""
-    x = crops.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(preprocess.mean, device=crops.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=crops.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return preprocess.normalize(crops.permute(0, 3, 1, 2).float())
 
 
 def _windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:

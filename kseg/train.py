@@ -601,7 +601,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     check_replaceable(Path(cfg.out_dir))  # before training, not after it
 
     split, train_tiles, val_tiles = _load_data(params)
-    preprocess = Preprocess.fit(train_tiles.images)
+    preprocess = Preprocess.fit(train_tiles.images, cfg.input_norm)
     job = fingerprint(params, [train_tiles, val_tiles])
     ckpt_path = Path(cfg.checkpoint_dir) / job / CHECKPOINT
 
