@@ -24,14 +24,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "aji_vs_macs.png")
     args = parser.parse_args()
 
+    import matplotlib
+
     from kseg.plots import figure, save_figure
 
     rows = [r for r in json.loads(args.rows.read_text())["rows"] if r.get("test_aji") is not None]
     # kseg.plots: an off-screen Agg figure (no pyplot state) and an atomic write of the PNG.
-    fig = figure((768, 504), dpi=120)
-    ax = fig.add_subplot()
-    for row in rows:
-        ax.scatter(row["gmacs_512"], row["test_aji"], s=40, label=row["name"])
+    fig = figure((1152, 540), dpi=120)
+    fig.set_layout_engine("none")  # placed by hand: the right part holds the legend
+    ax = fig.add_axes((0.08, 0.11, 0.45, 0.8))
+    cmap = matplotlib.colormaps["tab20"]
+    markers = "osD^v<>p"
+    for i, row in enumerate(rows):  # 20 colours x 8 markers: no two rows look alike
+        ax.scatter(
+            row["gmacs_512"],
+            row["test_aji"],
+            s=40,
+            color=cmap(i % 20),
+            marker=markers[i % len(markers)],
+            label=row["name"],
+        )
         if row.get("val_aji") is not None:
             ax.scatter(row["gmacs_512"], row["val_aji"], s=40, marker="x", color="grey")
     ax.set_xscale("log")
@@ -39,7 +51,7 @@ def main() -> None:
     ax.set_ylabel("AJI (dots: test patients 02, 06, 10; x: validation)")
     ax.set_title("TNBC, 25 minutes of training on 2 CPU cores")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
