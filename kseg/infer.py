@@ -42,8 +42,8 @@ class Preprocess:
 
     mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
     std: tuple[float, float, float] = (64.0, 64.0, 64.0)
-    mode: str = "dataset"  # one of INPUT_NORMS
-    percentiles: tuple[float, float] = (1.0, 99.8)  # low, high (percentile mode only)
+    mode: str = "dataset"
+    percentiles: tuple[float, float] = (1.0, 99.8)
 
     def __post_init__(self) -> None:
         if self.mode not in INPUT_NORMS:
