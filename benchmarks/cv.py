@@ -34,6 +34,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from kseg.fsutil import atomic_write_text  # noqa: E402
+
 METRICS = ("aji", "pq", "object_f1", "pixel_f1", "pixel_iou")
 STAGES = ("fetch", "prepare", "validate", "normalize", "train")
 
@@ -44,9 +46,7 @@ def _write_params(preset: Path, data: Path, folder: Path, test_patients: list[st
     params["split"]["test_patients"] = test_patients
     params["train"]["out_dir"] = "models/cv"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "params.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(params, sort_keys=False))
-    tmp.replace(folder / "params.yaml")
+    atomic_write_text(folder / "params.yaml", yaml.safe_dump(params, sort_keys=False))
 
 
 def _kseg(stage: str, folder: Path, env: dict[str, str]) -> None:
@@ -96,9 +96,7 @@ def _run_fold(fold: Path, env: dict[str, str]) -> dict:
         "val": {m: by_split["val"][m] for m in METRICS},
         "held_out": {m: by_split["test"][m] for m in METRICS},
     }
-    tmp = scores.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(scores)
+    atomic_write_text(scores, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -119,15 +117,13 @@ def main() -> None:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    base = args.out / "patients"
-    tiles, patients = _patients(args.preset.resolve(), args.data.resolve(), base, env)
+    preset, data = args.preset.resolve(), args.data.resolve()
+    tiles, patients = _patients(preset, data, args.out / "patients", env)
     where = dict(zip(tiles, patients, strict=True))
     folds = []
     for i, (_, held_out) in enumerate(patient_folds(tiles, patients, args.folds)):
         fold = args.out / f"fold{i}"
-        _write_params(
-            args.preset.resolve(), args.data.resolve(), fold, sorted({where[t] for t in held_out})
-        )
+        _write_params(preset, data, fold, sorted({where[t] for t in held_out}))
         folds.append(fold)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(lambda f: _run_fold(f, env), folds))
@@ -144,7 +140,7 @@ def main() -> None:
     print(f"{'mean':<38}" + "".join(f"{summary[m]['mean']:>11.4f}" for m in METRICS))
     print(f"{'sd':<38}" + "".join(f"{summary[m]['sd']:>11.4f}" for m in METRICS))
     out = {"preset": str(args.preset), "folds": results, "held_out_mean_sd": summary}
-    (args.out / "cv.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(args.out / "cv.json", json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ PathStr = Annotated[str, Field(strict=True), AfterValidator(_path)]
 Frac = Annotated[Float, Field(ge=0.0, le=1.0)]
 Count = Annotated[Int, Field(ge=0)]
 IntPair = tuple[Int, Int]
+InputNorm = Literal["dataset", "percentile"]  # kseg.infer.Preprocess.mode
 FloatPair = tuple[Float, Float]
 
 
@@ -252,7 +253,7 @@ class TrainConfig(Section):
     """mse on the 0..255 distance map (original); mse_bce adds a foreground BCE"""
     fg_loss_weight: Float = Field(1.0, ge=0.0)
     """weight of the foreground term of mse_bce"""
-    input_norm: Literal["dataset", "percentile"] = "dataset"
+    input_norm: InputNorm = "dataset"
     """network input: dataset = per-channel mean/std of the training tiles (kseg's fix of the
     original's mean image); percentile = each crop / inference window scaled by its own
     1st-99.8th percentiles per channel (stardist, cellpose). Saved in preprocess.json"""

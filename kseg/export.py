@@ -33,11 +33,14 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kseg.fsutil import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from kseg.infer import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
     }
 
 
-def _preprocess_meta(pre: Any) -> dict[str, Any]:
+def _preprocess_meta(pre: Preprocess) -> dict[str, Any]:
     """How to turn RGB 0..255 into the network input, for a runtime without kseg."""
     if pre.mode == "percentile":
         return {

@@ -14,17 +14,19 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from kseg.config import InputNorm
 from kseg.fsutil import atomic_write_text
 
 PREPROCESS_FILE = "preprocess.json"
 
 
-INPUT_NORMS = ("dataset", "percentile")
+INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Preprocess:
 
     mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
     std: tuple[float, float, float] = (64.0, 64.0, 64.0)
-    mode: str = "dataset"
+    mode: InputNorm = "dataset"
     percentiles: tuple[float, float] = (1.0, 99.8)
 
     def __post_init__(self) -> None:
@@ -99,13 +101,13 @@ class Preprocess:
         if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
             raise ValueError(f"{path}: mean must be finite and std finite and positive")
         try:
-            percentiles = tuple(float(v) for v in raw.get("percentiles", (1.0, 99.8)))
-            return cls(mean, std, str(raw.get("mode", "dataset")), percentiles)  # type: ignore[arg-type]
+            percentiles = tuple(float(v) for v in raw.get("percentiles", cls.percentiles))
+            return cls(mean, std, str(raw.get("mode", cls.mode)), percentiles)  # type: ignore[arg-type]
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
 
     @classmethod
-    def fit(cls, images: list[NDArray[np.uint8]], mode: str = "dataset") -> Preprocess:
+    def fit(cls, images: list[NDArray[np.uint8]], mode: InputNorm = "dataset") -> Preprocess:
         """Per-channel mean and std over all pixels of ``images`` (each ``(H, W, 3)`` uint8).
 
         Args:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from kseg.infer import Preprocess, predict_maps
 from tests.pipeline_helpers import make_prepared_project, run_stage
+from tests.test_infer import FirstChannel
 
 PERCENTILE = Preprocess(mode="percentile")
 
@@ -81,11 +82,6 @@ def test_preprocess_file_round_trips_and_old_files_load_as_dataset(tmp_path: Pat
         Preprocess.load(tmp_path)
     with pytest.raises(ValueError, match="0 <= low < high <= 100"):
         Preprocess(mode="percentile", percentiles=(99.0, 1.0))
-
-
-class FirstChannel(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1]
 
 
 def test_tiled_inference_normalizes_each_window_by_its_own_percentiles() -> None:
