@@ -22,8 +22,10 @@ is ``ModelConfig()`` itself at 256:16.
 
 With ``--runtimes`` (alone: ``--runtimes --quick`` takes about a minute), the inference runtimes
 of ``kseg predict --runtime`` get rows instead (:func:`runtime_table`): the network on one 512 tile
-and the whole segment of a 512 TNBC tile (network + watershed), for torch (kseg's fast path), ONNX
-Runtime and OpenVINO (where installed), against the original code path measured in the same run.
+and the whole segment of a 512 TNBC tile (network + watershed), for torch (kseg's fast path), torch
+with the compiled DiCE stencil kernels (``--runtime compiled``, Kidney-SegNet only: the U-Net has no
+DiCE block), ONNX Runtime and OpenVINO (where installed), against the original code path measured
+in the same run.
 
 With ``--fused``, a row runs the fast path with the opt-in compiled inference kernels
 (``KSEG_FUSED_EVAL=1``, :func:`kseg.model.ops.set_fused_eval`); its first call (compilation) is
@@ -341,6 +343,7 @@ def runtime_child(args: argparse.Namespace) -> None:
 _RUNTIME_LABELS = {
     "original": "original (reference DiCE + watershed)",
     "torch": "torch (kseg fast path)",
+    "compiled": "torch + compiled DiCE stencils",
     "onnx": "ONNX Runtime (kseg export)",
     "openvino": "OpenVINO (kseg export)",
 }
@@ -376,7 +379,12 @@ def runtime_table(args: argparse.Namespace, nfeat: int) -> None:
         Preprocess().save(folder)
         cache = Path(tmp) / "cache"  # exports made for this run, not the user's cache
         groups = {
-            f"Kidney-SegNet nfeat {nfeat}, 512": (folder, "ks", ["original", *runtimes]),
+            # `compiled` changes only DiCE blocks: a row for Kidney-SegNet, not for the U-Net.
+            f"Kidney-SegNet nfeat {nfeat}, 512": (
+                folder,
+                "ks",
+                ["original", "torch", "compiled", *runtimes[1:]],
+            ),
             "shipped TNBC U-Net (nfeat 32)": (pretrained_model(), "unet", runtimes),
         }
         env = {**os.environ, "KSEG_CACHE_DIR": str(cache)}

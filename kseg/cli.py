@@ -462,8 +462,10 @@ def predict(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="torch, onnx (pip install 'kseg[onnx]'), openvino ('kseg[openvino]') or auto = "
-            "the fastest installed one, measured once on this CPU (default: $KSEG_RUNTIME or auto)."
+            help="torch, compiled (torch.compile'd DiCE kernels; compiles once, about a minute), "
+            "onnx (pip install 'kseg[onnx]'), openvino ('kseg[openvino]') or auto = the fastest "
+            "installed one except compiled, measured once on this CPU (default: $KSEG_RUNTIME or "
+            "auto)."
         ),
     ] = None,
 ) -> None:

@@ -359,7 +359,8 @@ def predict(
     by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one,
     ``slide_options`` more keywords of :func:`kseg.slide.segment_slide` (``block``, ``margin``).
     Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
-    ``runtime``: ``torch``, ``onnx``, ``openvino`` or ``auto`` (see :mod:`kseg.runtime`).
+    ``runtime``: ``torch``, ``compiled``, ``onnx``, ``openvino`` or ``auto``
+    (see :mod:`kseg.runtime`).
     """
     limit = max_pixels or max_pixels_from_env(PREDICT_MAX_PIXELS)
     from kseg.segmenter import Segmenter

@@ -1,6 +1,9 @@
 """Where the network runs at inference: PyTorch, ONNX Runtime or OpenVINO (``--runtime``).
 
-``torch`` is kseg's eager fast path. ``onnx`` and ``openvino`` run the model's ONNX export
+``torch`` is kseg's eager fast path. ``compiled`` is the same network with the DiCE blocks run as
+``torch.compile``d stencil kernels (:mod:`kseg.model.stencil`; the first use compiles for about a
+minute with the system C++ compiler, cached on disk by inductor; models without DiCE blocks run
+as ``torch``). ``onnx`` and ``openvino`` run the model's ONNX export
 (:mod:`kseg.export`, cached under ``$KSEG_CACHE_DIR`` or ``~/.cache/kseg``, keyed by the weights'
 digest) and need the optional packages (``pip install 'kseg[onnx]'``, ``'kseg[openvino]'``).
 Each runtime object is called like the torch network: a standardized ``B x 3 x H x W`` float32
@@ -11,7 +14,8 @@ post-processing (:func:`kseg.infer.predict_maps`) are the same code for every ru
 installed runtime once on one inference window of the model on this CPU, takes the fastest and
 remembers the choice (same cache, keyed by the model, the CPU and the thread count); any runtime
 that fails to export or run is skipped with a warning, and torch is the fallback. On a GPU
-(``--device cuda``) ``auto`` is torch.
+(``--device cuda``) ``auto`` is torch. ``auto`` does not consider ``compiled``: its compile time
+would be paid on a one-tile run.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from kseg.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx", "openvino")
+RUNTIMES = ("torch", "compiled", "onnx", "openvino")
 CHOICES = ("auto", *RUNTIMES)
 _PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _EXTRA_HINT = {"onnx": "pip install 'kseg[onnx]'", "openvino": "pip install 'kseg[openvino]'"}
@@ -50,7 +54,10 @@ def _importable(name: str) -> bool:
 
 
 def installed_runtimes() -> list[str]:
-    """The runtimes usable here (torch always; the others need ``kseg[onnx]`` / ``[openvino]``)."""
+    """The runtimes ``auto`` chooses from: torch always, onnx and openvino when installed.
+
+    ``compiled`` is never chosen automatically (its first use compiles).
+    """
     # The export needs the onnx package (and onnxscript for torch.export-based exports, which
     # export_model uses only where torch lacks the legacy exporter).
     exporter = _importable("onnx")
@@ -84,6 +91,25 @@ class OnnxRuntimeNet:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         (out,) = self.session.run(None, {self.input_name: arr})
         return torch.from_numpy(out)
+
+
+class CompiledTorchNet:
+    """The torch network with the compiled DiCE stencil kernels on (``--runtime compiled``).
+
+    Args:
+        net: The eval-mode network.
+    """
+
+    name = "compiled"
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from kseg.model.ops import fused_eval
+
+        with fused_eval(True):
+            return self.net(x)
 
 
 @functools.cache
@@ -154,6 +180,8 @@ def load_runtime(name: str, folder: str | Path, net: torch.nn.Module) -> Callabl
         raise ValueError(f"--runtime {name!r}: expected one of {list(CHOICES)}")
     if name == "torch":
         return net
+    if name == "compiled":
+        return CompiledTorchNet(net)
     if name not in installed_runtimes():
         raise ValueError(
             f"--runtime {name}: {_PACKAGES[name]} (with onnx for the export) is "

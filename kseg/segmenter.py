@@ -41,7 +41,7 @@ class Segmenter:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 4
     dtype: torch.dtype | None = None  # autocast precision of the network; None = float32
-    runtime: str = "torch"  # where the network runs (kseg.runtime): torch, onnx or openvino
+    runtime: str = "torch"  # where the network runs (kseg.runtime): torch, compiled, onnx...
 
     @classmethod
     def from_folder(
@@ -60,8 +60,8 @@ class Segmenter:
             batch_size: Windows per forward pass.
             dtype: ``float16`` / ``bfloat16`` (or the torch dtype) runs the network under
                 autocast; None or ``float32``: float32.
-            runtime: ``torch``, ``onnx``, ``openvino`` or ``auto`` (the fastest installed one,
-                measured on this CPU; :func:`kseg.runtime.choose_runtime`).
+            runtime: ``torch``, ``compiled``, ``onnx``, ``openvino`` or ``auto`` (the fastest
+                installed one, measured on this CPU; :func:`kseg.runtime.choose_runtime`).
 
         Raises:
             ValueError: If a required file is missing or malformed (the file is named), or the

@@ -48,6 +48,7 @@ from kseg.model.ops import (
     prelu,
 )
 from kseg.model.ops import col as _col
+from kseg.model.stencil import dice_eval_compiled
 
 
 class _BR(nn.Module):
@@ -294,6 +295,8 @@ class DiCE(nn.Module):
         the fusion BN scales the 3 -> 1 weights; the projection BN goes into its conv; an external
         ``post_bn`` (+ ReLU) scales the SE gate. Differentiable, so gradients in eval mode agree.
         """
+        if fused_eval_active(x) and (out := dice_eval_compiled(self, x, post_bn)) is not None:
+            return out  # two compiled stencil loops (opt-in, see kseg.model.stencil)
         c = self.c_in
         bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
         wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
@@ -304,7 +307,7 @@ class DiCE(nn.Module):
         a3 = pr3.weight
         wc = self.conv_channel.weight * s3[:c].view(c, 1, 1, 1)
         # y = t_wa + sum_j wa_j * prelu(s_j * z_j + t_j)   (B x C x H x W)
-        fused = fused_eval_active(x)
+        fused = fused_eval_active(x)  # compiling may have failed above
         if fused:  # the same chain as compiled kernels (opt-in, see kseg.model.ops)
             y = dice_mix(
                 self._conv_c(x, wc, t3[:c]),

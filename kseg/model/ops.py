@@ -25,8 +25,10 @@ stays with eager ATen ops so that it runs wherever PyTorch runs, without a compi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -330,6 +332,17 @@ def set_fused_eval(enabled: bool) -> None:
     _fused["enabled"] = bool(enabled)
 
 
+@contextlib.contextmanager
+def fused_eval(enabled: bool) -> Iterator[None]:
+    """:func:`set_fused_eval` for a block of code; the previous setting is restored after it."""
+    before = _fused["enabled"]
+    _fused["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _fused["enabled"] = before
+
+
 def fused_eval_active(x: torch.Tensor) -> bool:
     """Whether :func:`dice_mix` and :func:`gated_output` run compiled for ``x`` (no autograd)."""
     return _fused["enabled"] and not torch.is_grad_enabled() and cpu_kernels(x)
@@ -364,20 +377,52 @@ def _gated_output(
 
 
 def _run_fused(name: str, fn, *args: torch.Tensor) -> torch.Tensor:
+    out = run_compiled(name, fn, args, dynamic=True)
+    return fn(*(a.detach() for a in args)) if out is None else out
+
+
+# One compiled graph per block shape: Kidney-SegNet at 512 has 16 (dynamo's default limit is 8).
+_RECOMPILE_LIMIT = 256
+
+
+def run_compiled(
+    name: str,
+    fn,
+    args: tuple[torch.Tensor, ...],
+    static: dict | None = None,
+    dynamic: bool = False,
+) -> torch.Tensor | None:
+    """``fn(*args, **static)`` compiled by ``torch.compile`` (inductor), or None if that fails.
+
+    A failure (no C++ compiler, unsupported platform) turns the compiled kernels off for the
+    process with one warning; the caller then runs its eager ops.
+
+    Args:
+        name: The kernel's name (one compiled function per name).
+        fn: The function.
+        args: Tensors; parameters would be compiled with static shapes and guarded as module
+            state, so plain (detached) tensors are passed.
+        static: Keyword arguments of ``fn`` (ints, flags) that select the graph.
+        dynamic: Compile with symbolic shapes (one graph for every size) instead of one graph
+            per shape (constant strides, faster loops).
+    """
+    import torch._dynamo  # its config (torch.compile loads it anyway)
+
     compiled = _fused["fns"].get(name)
     if compiled is None:
-        compiled = _fused["fns"][name] = torch.compile(fn, dynamic=True)
-    # Parameters would be compiled with static shapes (one graph per block width): pass plain
-    # tensors (no autograd here anyway).
+        compiled = _fused["fns"][name] = torch.compile(fn, dynamic=dynamic)
     args = tuple(a.detach() for a in args)
     try:
-        return compiled(*args)
+        with torch._dynamo.config.patch(
+            recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT * 4
+        ):
+            return compiled(*args, **(static or {}))
     except Exception as exc:  # no compiler, unsupported platform: fall back for good
         logging.getLogger(__name__).warning(
             "fused inference kernels off (%s); using eager ops", exc
         )
         _fused["enabled"] = False
-        return fn(*args)
+        return None
 
 
 def dice_mix(*args: torch.Tensor) -> torch.Tensor:
