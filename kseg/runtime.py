@@ -104,12 +104,20 @@ class CompiledTorchNet:
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
+        self.batch = 0  # the largest batch seen: smaller ones are padded to it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         from kseg.model.ops import fused_eval
 
+        # Inductor compiles one graph per block and input shape (about 5 s each): a last, partial
+        # batch of windows is padded with zeros to the full batch instead of compiling again.
+        # Each window's output depends on that window only (eval-mode BatchNorm).
+        n = x.shape[0]
+        self.batch = max(self.batch, n)
+        if n < self.batch:
+            x = torch.cat((x, x.new_zeros(self.batch - n, *x.shape[1:])))
         with fused_eval(True):
-            return self.net(x)
+            return self.net(x)[:n]
 
 
 @functools.cache

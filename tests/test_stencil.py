@@ -118,4 +118,11 @@ def test_compiled_runtime_turns_the_kernels_on_for_its_calls_only(tmp_path) -> N
     with torch.no_grad():
         assert name == "compiled" and torch.equal(net(x), x)
     assert seen == [True] and not ops._fused["enabled"]  # on inside the call, off after it
+    # A smaller batch after a larger one is padded to it (no new graph), and cut back.
+    shapes: list[tuple[int, ...]] = []
+    net.net.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    x4 = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net(x4), x4) and torch.equal(net(x4[:1]), x4[:1])
+    assert shapes == [(4, 3, 8, 8), (4, 3, 8, 8)]
     assert "compiled" in CHOICES and "compiled" not in installed_runtimes()  # never auto
