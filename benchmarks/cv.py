@@ -16,6 +16,13 @@ fold that already has its scores is not run again (rerun the command after an in
 
 Prints one row per fold and the mean and standard deviation over folds of the held-out scores,
 and writes them to ``OUT/cv.json``.
+
+Reporting and choosing are different uses. Over all patients (``--data`` the whole dataset) the
+held-out scores describe a recipe, but the fixed test patients are held out in some folds and
+trained on in the others, so such a CV must not decide anything. To compare candidate recipes
+(the adoption protocol of docs/results.md), give ``--data`` a copy of the dataset without the test
+patients (for TNBC: every ``Slide_XX``/``GT_XX`` pair but 02, 06 and 10, copied, not linked: the
+fetch stage refuses links that leave the folder); the folds then never see a test tile.
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ METRICS = ("aji", "pq", "object_f1", "pixel_f1", "pixel_iou")
 STAGES = ("fetch", "prepare", "validate", "normalize", "train")
 
 
-def _write_params(preset: Path, data: Path, folder: Path, test_patients: list[str]) -> None:
+def _write_params(
+    preset: Path, data: Path, folder: Path, test_patients: list[str], probe: bool = False
+) -> None:
     params = yaml.safe_load(preset.read_text())
     params["data"]["path"] = str(data)
     params["split"]["test_patients"] = test_patients
+    if probe:  # only lists the patients: the data may lack the fixed TNBC test patients
+        params["split"]["tnbc_test_patients"] = []
     params["train"]["out_dir"] = "models/cv"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "params.yaml", yaml.safe_dump(params, sort_keys=False))
@@ -65,7 +76,7 @@ def _kseg(stage: str, folder: Path, env: dict[str, str]) -> None:
 
 def _patients(preset: Path, data: Path, folder: Path, env: dict[str, str]) -> tuple[list, list]:
     """Tile ids and their patients, from a prepare run of the preset in ``folder``."""
-    _write_params(preset, data, folder, [])
+    _write_params(preset, data, folder, [], probe=True)
     for stage in ("fetch", "prepare"):
         _kseg(stage, folder, env)
     with (folder / "prepared" / "manifest.csv").open() as f:
