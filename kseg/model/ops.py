@@ -18,9 +18,11 @@ They are used only where they were measured to be faster: on CPU, in float32 (or
 autocast (:func:`cpu_kernels`). On CUDA, and under autocast on any device (reduced precision), each
 falls back to the plain PyTorch op it replaces (cuDNN / cuBLAS kernels, autocast's dtype rules).
 
-Writing these as one fused kernel (C++ or ``torch.compile``) would save more memory passes; kseg
-stays with eager ATen ops so that it runs wherever PyTorch runs, without a compiler (measured:
-``torch.compile`` of a whole DiCE block was slower than this eager code on CPU).
+The default path stays with eager ATen ops so that it runs wherever PyTorch runs, without a
+compiler (``torch.compile`` of a whole DiCE block *as written for eager mode* was slower than this
+code on CPU). Inference can opt in to compiled kernels (:func:`set_fused_eval`, :func:`fused_eval`,
+:func:`run_compiled`): the DiCE block rewritten as stencils (:mod:`kseg.model.stencil`), which
+inductor compiles into two loops, is about twice as fast as the eager block.
 """
 
 from __future__ import annotations
