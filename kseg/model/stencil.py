@@ -25,11 +25,16 @@ per-row/per-column block on another size (which resizes) keeps the eager path.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kseg.model.ops import bn_affine, run_compiled
+from kseg.model.ops import bn_affine, col, run_compiled
+
+if TYPE_CHECKING:
+    from kseg.model.dice import DiCE
 
 
 def _stencil_block(
@@ -141,11 +146,9 @@ def _zero_padded(x: torch.Tensor, pc: int, ps: int) -> torch.Tensor:
     return out
 
 
-def _col(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(1, -1, 1, 1)
-
-
-def dice_eval_compiled(block: nn.Module, x: torch.Tensor, post_bn: nn.BatchNorm2d | None):
+def dice_eval_compiled(
+    block: DiCE, x: torch.Tensor, post_bn: nn.BatchNorm2d | None
+) -> torch.Tensor | None:
     """The eval forward of DiCE ``block`` on ``x`` as compiled stencils, or None where not used.
 
     None when the block would resize ``x`` (per-row/column kernels built for another size) or
@@ -170,12 +173,12 @@ def dice_eval_compiled(block: nn.Module, x: torch.Tensor, post_bn: nn.BatchNorm2
         t3[:c],
         block._dim_weight(block.conv_height, h)[:, 0],
         block._dim_weight(block.conv_width, w)[:, 0].permute(1, 2, 0),
-        _col(s3[c : 2 * c]),
-        _col(t3[c : 2 * c]),
-        _col(s3[2 * c :]),
-        _col(t3[2 * c :]),
+        col(s3[c : 2 * c]),
+        col(t3[c : 2 * c]),
+        col(s3[2 * c :]),
+        col(t3[2 * c :]),
         (wa_conv.weight.view(c, 3) * s_wa.view(c, 1)).t().reshape(3, 1, c, 1, 1),
-        _col(t_wa),
+        col(t_wa),
         pr3.weight,
         wa_pr.weight,
         se[1].weight[:, :, 0, 0],
@@ -183,8 +186,8 @@ def dice_eval_compiled(block: nn.Module, x: torch.Tensor, post_bn: nn.BatchNorm2
         pj_conv.weight * s_pj.view(-1, 1, 1, 1),
         t_pj,
         pj_pr.weight,
-        _col(s_o),
-        _col(t_o),
+        col(s_o),
+        col(t_o),
     )
     p = (k - 1) // 2 * max(block.dil)
     xp = _zero_padded(x, p, p + 1)
