@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,21 @@ from kseg.model.ops import (
 )
 from kseg.model.ops import col as _col
 from kseg.model.stencil import dice_eval_compiled
+
+
+class FoldedDiCE(NamedTuple):
+    """A DiCE block's eval-mode parameters, every BatchNorm that follows a linear map folded."""
+
+    wc: torch.Tensor  # C x 1 x k x k: channel-wise kernels, that branch's BN scale folded in
+    s3: torch.Tensor  # 3C: scale of the three branches' BN (channel, height, width)
+    t3: torch.Tensor  # 3C: its shift (the channel branch's is the channel conv's bias)
+    wa: torch.Tensor  # C x 3: 3 -> 1 fusion weights, its BN scale folded in
+    t_wa: torch.Tensor  # C: the fusion BN's shift
+    a3: torch.Tensor  # 3C: PReLU slopes of the three branches
+    a_wa: torch.Tensor  # C: the fusion's PReLU
+    wp: torch.Tensor  # C_out x C/groups x 3 x 3: projection, its BN scale folded in
+    bp: torch.Tensor  # C_out: the projection BN's shift (the conv's bias)
+    a_p: torch.Tensor  # C_out: the projection's PReLU
 
 
 class _BR(nn.Module):
@@ -298,19 +314,13 @@ class DiCE(nn.Module):
         if fused_eval_active(x) and (out := dice_eval_compiled(self, x, post_bn)) is not None:
             return out  # two compiled stencil loops (opt-in, see kseg.model.stencil)
         c = self.c_in
-        bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
-        wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
-        pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
-        s3, t3 = bn_affine(bn3)  # 3C
-        s_wa, t_wa = bn_affine(wa_bn)
-        wa = wa_conv.weight.view(c, 3) * s_wa.view(c, 1)
-        a3 = pr3.weight
-        wc = self.conv_channel.weight * s3[:c].view(c, 1, 1, 1)
+        f = self.folded_eval()
+        s3, t3, wa, t_wa, a3 = f.s3, f.t3, f.wa, f.t_wa, f.a3
         # y = t_wa + sum_j wa_j * prelu(s_j * z_j + t_j)   (B x C x H x W)
         fused = fused_eval_active(x)  # compiling may have failed above
         if fused:  # the same chain as compiled kernels (opt-in, see kseg.model.ops)
             y = dice_mix(
-                self._conv_c(x, wc, t3[:c]),
+                self._conv_c(x, f.wc, t3[:c]),
                 self._conv_w(x),
                 self._conv_h_rows(x),
                 _col(s3[2 * c :]),
@@ -320,25 +330,46 @@ class DiCE(nn.Module):
                 wa.t().reshape(3, 1, c, 1, 1),
                 _col(t_wa),
                 a3,
-                wa_pr.weight,
+                f.a_wa,
             )
         else:
-            z = prelu(self._conv_c(x, wc, t3[:c]), a3[:c])
+            z = prelu(self._conv_c(x, f.wc, t3[:c]), a3[:c])
             y = torch.addcmul(_col(t_wa), z, _col(wa[:, 0]))
             z = torch.addcmul(_col(t3[2 * c :]), self._conv_w(x), _col(s3[2 * c :]))
             y.addcmul_(prelu(z, a3[2 * c :]), _col(wa[:, 2]))
             z = torch.addcmul(_col(t3[c : 2 * c]), self._conv_h_rows(x), _col(s3[c : 2 * c]))
             y.addcmul_(prelu(z, a3[c : 2 * c]), _col(wa[:, 1]))
-            y = prelu(y, wa_pr.weight)
+            y = prelu(y, f.a_wa)
         gate = self.linear_comb_layer(y)  # B x C_out x 1 x 1
-        s_pj, t_pj = bn_affine(pj_bn)
-        p = grouped_conv3x3(y, pj_conv.weight * s_pj.view(-1, 1, 1, 1), t_pj, pj_conv.groups)
+        p = grouped_conv3x3(y, f.wp, f.bp, self.proj_layer.cbr[0].groups)
         if post_bn is None:
-            return prelu(p, pj_pr.weight) * gate
+            return prelu(p, f.a_p) * gate
         s, t = bn_affine(post_bn)
         if fused:
-            return gated_output(p, pj_pr.weight, gate * _col(s), _col(t))
-        return torch.addcmul(_col(t), prelu(p, pj_pr.weight), gate * _col(s)).relu_()
+            return gated_output(p, f.a_p, gate * _col(s), _col(t))
+        return torch.addcmul(_col(t), prelu(p, f.a_p), gate * _col(s)).relu_()
+
+    def folded_eval(self) -> FoldedDiCE:
+        """The block's eval-mode parameters with its BatchNorms folded (eager and compiled use)."""
+        c = self.c_in
+        bn3, pr3 = self.br_act.br[0], self.br_act.br[1]
+        wa_conv, wa_bn, wa_pr = self.weight_avg_layer.cbr
+        pj_conv, pj_bn, pj_pr = self.proj_layer.cbr
+        s3, t3 = bn_affine(bn3)  # 3C
+        s_wa, t_wa = bn_affine(wa_bn)
+        s_pj, t_pj = bn_affine(pj_bn)
+        return FoldedDiCE(
+            wc=self.conv_channel.weight * s3[:c].view(c, 1, 1, 1),
+            s3=s3,
+            t3=t3,
+            wa=wa_conv.weight.view(c, 3) * s_wa.view(c, 1),
+            t_wa=t_wa,
+            a3=pr3.weight,
+            a_wa=wa_pr.weight,
+            wp=pj_conv.weight * s_pj.view(-1, 1, 1, 1),
+            bp=t_pj,
+            a_p=pj_pr.weight,
+        )
 
     def forward_bn_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         """``relu(bn(self(x)))``; in eval mode the fast path folds ``bn`` into the gate."""

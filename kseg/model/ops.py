@@ -338,7 +338,7 @@ def set_fused_eval(enabled: bool) -> None:
 def fused_eval(enabled: bool) -> Iterator[None]:
     """:func:`set_fused_eval` for a block of code; the previous setting is restored after it."""
     before = _fused["enabled"]
-    _fused["enabled"] = bool(enabled)
+    set_fused_eval(enabled)
     try:
         yield
     finally:

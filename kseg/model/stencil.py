@@ -158,34 +158,29 @@ def dice_eval_compiled(
     _, c, h, w = x.shape
     if not block.shared and (h, w) != (block.height, block.width):
         return None
-    bn3, pr3 = block.br_act.br[0], block.br_act.br[1]
-    wa_conv, wa_bn, wa_pr = block.weight_avg_layer.cbr
-    pj_conv, pj_bn, pj_pr = block.proj_layer.cbr
-    s3, t3 = bn_affine(bn3)
-    s_wa, t_wa = bn_affine(wa_bn)
-    s_pj, t_pj = bn_affine(pj_bn)
-    c_out = pj_conv.weight.shape[0]
+    f = block.folded_eval()
+    c_out = f.wp.shape[0]
     s_o, t_o = bn_affine(post_bn) if post_bn is not None else (x.new_ones(c_out),) * 2
     se = block.linear_comb_layer
     k = block.k
     args = (
-        (block.conv_channel.weight * s3[:c].view(c, 1, 1, 1))[:, 0],
-        t3[:c],
+        f.wc[:, 0],
+        f.t3[:c],
         block._dim_weight(block.conv_height, h)[:, 0],
         block._dim_weight(block.conv_width, w)[:, 0].permute(1, 2, 0),
-        col(s3[c : 2 * c]),
-        col(t3[c : 2 * c]),
-        col(s3[2 * c :]),
-        col(t3[2 * c :]),
-        (wa_conv.weight.view(c, 3) * s_wa.view(c, 1)).t().reshape(3, 1, c, 1, 1),
-        col(t_wa),
-        pr3.weight,
-        wa_pr.weight,
+        col(f.s3[c : 2 * c]),
+        col(f.t3[c : 2 * c]),
+        col(f.s3[2 * c :]),
+        col(f.t3[2 * c :]),
+        f.wa.t().reshape(3, 1, c, 1, 1),
+        col(f.t_wa),
+        f.a3,
+        f.a_wa,
         se[1].weight[:, :, 0, 0],
         se[3].weight[:, :, 0, 0],
-        pj_conv.weight * s_pj.view(-1, 1, 1, 1),
-        t_pj,
-        pj_pr.weight,
+        f.wp,
+        f.bp,
+        f.a_p,
         col(s_o),
         col(t_o),
     )
@@ -196,5 +191,6 @@ def dice_eval_compiled(
     # shape (no autograd here anyway).
     args = tuple(a.detach().contiguous() for a in args)
     post = post_bn is not None
-    static = {"k": k, "dil": tuple(block.dil), "groups": pj_conv.groups, "post": post}
+    groups = block.proj_layer.cbr[0].groups
+    static = {"k": k, "dil": tuple(block.dil), "groups": groups, "post": post}
     return run_compiled("dice_block", _stencil_block, (xp, frame, *args), static)
