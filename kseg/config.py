@@ -259,6 +259,10 @@ class TrainConfig(Section):
     1st-99.8th percentiles per channel (stardist, cellpose). Saved in preprocess.json"""
     select_metric: Literal["aji", "pq", "object_f1", "pixel_f1", "val_loss"] = "aji"
     """validation score that picks the best epoch (after post-processing)"""
+    checkpoint: Literal["best", "last"] = "best"
+    """weights the model folder keeps: best = the epoch with the best select_metric; last = the
+    final epoch's (the end of the schedule: more robust on unseen patients than a pick by a few
+    validation tiles, docs/results.md). Post-processing is fitted on validation either way"""
     ema_decay: Float = Field(0.0, ge=0.0, le=0.9999)
     """exponential moving average of the weights after every step (BatchNorm statistics copied);
     validation, selection and the saved model use the average; 0 = off (the original's)"""
@@ -299,6 +303,16 @@ class TrainConfig(Section):
     """MLflow experiment name"""
     val_overlays: Int = Field(2, ge=0, le=64)
     """validation overlay images logged per epoch"""
+
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
+        """Early stopping waits for a better epoch, which ``checkpoint: last`` never keeps."""
+        if self.early_stopping_patience and self.checkpoint == "last":
+            raise ValueError(
+                f"early_stopping_patience: {self.early_stopping_patience} needs checkpoint: best "
+                "(with checkpoint: last the run would stop at an arbitrary epoch); set it to 0"
+            )
+        return self
 
 
 _ALIAS = r"(?!latest$|[vV]\d+$)[A-Za-z0-9_-]{1,255}"

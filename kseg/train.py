@@ -698,7 +698,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                     progress.update(val_task, visible=False)
                 row["lr"] = opt.param_groups[0]["lr"]
                 score = _score(params, row)
-                if score > state.best_score:
+                if score > state.best_score or cfg.checkpoint == "last":
                     state.best_score, state.best_epoch = score, epoch + 1
                     best_state = {
                         k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()

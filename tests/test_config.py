@@ -168,6 +168,10 @@ def test_sections_are_hashable_picklable_and_copied_with_model_copy() -> None:
         ({"data": {"dir": " "}}, "data.dir: an empty path; give a folder or file name"),
         ({"data": {"sha256": "abc"}}, "data: sha256: 'abc' is not a sha256 (64 hex digits)"),
         ({"model": {"tile_size": 33}}, "model: model.tile_size=33: must be a multiple of 8"),
+        (
+            {"train": {"checkpoint": "last", "early_stopping_patience": 3}},
+            "train: early_stopping_patience: 3 needs checkpoint: best",
+        ),
         ({"model": {"head": None}}, "model.head: None is not allowed; expected one of 'dist'"),
         ({"data": {"zz": 1, "aa": 2}}, "unknown key data.aa; allowed keys in data: dir,"),
         ({"dataa": {}, "data": {"sorce": 1}}, "unknown key dataa; allowed keys: augment,"),

@@ -161,6 +161,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert not (project / "models").exists()
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_checkpoint_option_keeps_the_best_or_the_last_epoch(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: str
+) -> None:
+    import kseg.train as train_mod
+    from kseg.config import load_params
+
+    project = copy_project(prepared, tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    text = (project / "params.yaml").read_text().replace("checkpoint: best", f"checkpoint: {keep}")
+    (project / "params.yaml").write_text(text)
+    # Validation says epoch 1 is the better one of the two.
+    scores = iter([1.0, 0.0])
+    monkeypatch.setattr(train_mod, "_score", lambda params, row: next(scores))
+    summary = train_mod.train(load_params("params.yaml"))
+    (ckpt,) = (project / ".checkpoints").glob("*/checkpoint.pt")
+    last = train_mod.load_checkpoint(ckpt)["model"]  # the final epoch's weights
+    assert train_mod.load_checkpoint(ckpt)["epoch"] == 2
+    kept = _weights(project)
+    assert summary["best_epoch"] == (1 if keep == "best" else 2)
+    same = all(torch.equal(kept[k], last[k]) for k in last)
+    assert same == (keep == "last")
+    # The post-processing is fitted for the weights that were kept.
+    assert (project / "models" / "kseg" / "postprocess.json").is_file()
+
+
 def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
     overrides = ["--params", "params.yaml"]
     straight = copy_project(prepared, tmp_path / "straight")
