@@ -178,8 +178,9 @@ def test_checkpoint_option_keeps_the_best_or_the_last_epoch(
     monkeypatch.setattr(train_mod, "_score", lambda params, row: next(scores))
     summary = train_mod.train(load_params("params.yaml"))
     (ckpt,) = (project / ".checkpoints").glob("*/checkpoint.pt")
-    last = train_mod.load_checkpoint(ckpt)["model"]  # the final epoch's weights
-    assert train_mod.load_checkpoint(ckpt)["epoch"] == 2
+    saved = train_mod.load_checkpoint(ckpt)
+    last = saved["model"]  # the final epoch's weights
+    assert saved["epoch"] == 2
     kept = _weights(project)
     assert summary["best_epoch"] == (1 if keep == "best" else 2)
     same = all(torch.equal(kept[k], last[k]) for k in last)
