@@ -272,8 +272,6 @@ def fg_dist_watershed(
     Raises:
         ValueError: If the maps differ in shape, are not 2-D or are not finite.
     """
-    from skimage.segmentation import watershed
-
     fg_prob, norm_dist = np.asarray(fg_prob), np.asarray(norm_dist, np.float32)
     if fg_prob.ndim != 2 or fg_prob.shape != norm_dist.shape:
         raise ValueError(
@@ -285,12 +283,43 @@ def fg_dist_watershed(
     fg = fg_prob >= fg_threshold
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
+    core = fg_dist_cores(norm_dist, fg, marker_threshold, marker_h)
+    return marker_watershed(fg, core, norm_dist, min_size)
+
+
+def fg_dist_cores(
+    norm_dist: NDArray[np.floating],
+    fg: NDArray[np.bool_],
+    marker_threshold: float,
+    marker_h: float = 0.0,
+) -> NDArray[np.bool_]:
+    """Step 2 of :func:`fg_dist_watershed`: the nucleus-core pixels (markers before labelling)."""
     core = (norm_dist >= marker_threshold) & fg
     if marker_h > 0:
         f = (np.clip(norm_dist, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         core &= regional_maxima(h_maxima_transform(f, round(marker_h * 255)))
+    return core
+
+
+def marker_watershed(
+    fg: NDArray[np.bool_],
+    core: NDArray[np.bool_],
+    norm_dist: NDArray[np.floating],
+    min_size: int = 0,
+) -> NDArray[np.int32]:
+    """Steps 3-4 of :func:`fg_dist_watershed` for any foreground mask and core pixels.
+
+    Each 8-connected component of ``core & fg`` is one marker; the watershed of ``-norm_dist``
+    floods the foreground from them; marker-less foreground components become instances of their
+    own; instances below ``min_size`` pixels are dropped. Separate from the thresholds so that
+    :mod:`kseg.diagnose` can swap in the true foreground or the true cores.
+    """
+    from skimage.segmentation import watershed
+
+    core = core & fg
     n, markers = cv2.connectedComponents(core.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    labels = watershed(-norm_dist, markers, mask=fg).astype(np.int32, copy=False)
+    labels = watershed(-np.asarray(norm_dist, np.float32), markers, mask=fg)
+    labels = labels.astype(np.int32, copy=False)
     rest = fg & (labels == 0)
     if rest.any():
         _, orphans = cv2.connectedComponents(
