@@ -144,6 +144,9 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
             ),
         },
         "inference": {
+            # The network's resolution relative to the image's: resample the image by it (area)
+            # before cutting windows and the maps back to the image's size (bilinear).
+            "input_scale": cfg.input_scale,
             "window": window,
             "overlap": window // 4,
             "blend": "sin^2 ramp per window edge (flat on image borders), see kseg.infer",

@@ -219,6 +219,7 @@ def predict_maps(
     head: str | None = None,
     dtype: torch.dtype | None = None,
     tta: str = "none",
+    input_scale: float = 1.0,
 ) -> NDArray[np.float32]:
     """Predicted maps of an RGB image of any size, ``(C, H, W)`` float32.
 
@@ -238,6 +239,9 @@ def predict_maps(
             (default) in float32. Blending is float32 either way.
         tta: Test-time augmentation: ``none``, or ``flips`` (the mean of the maps of the window
             and of its horizontal, vertical and double flips, each flipped back; 4x the work).
+        input_scale: The network's resolution relative to the image's (``model.input_scale``):
+            the image is resampled by it before tiling and the maps are resampled back to
+            ``(H, W)`` (:mod:`kseg.resample`); ``tile`` and ``overlap`` are in network pixels.
 
     Returns:
         ``(C, H, W)`` float32 blended maps: the distance map (``dist``), or the foreground
@@ -245,6 +249,14 @@ def predict_maps(
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    if input_scale != 1.0:
+        from kseg.resample import resize_image, resize_maps
+
+        small = resize_image(image, input_scale)
+        maps = predict_maps(
+            model, small, preprocess, tile, overlap, batch_size, device, head, dtype, tta
+        )
+        return resize_maps(maps, image.shape[0], image.shape[1])
     head = model_head(model) if head is None else head
     overlap = tile // 4 if overlap is None else overlap
     h, w = image.shape[:2]

@@ -134,6 +134,7 @@ class Segmenter:
             head=self.model_config.head,
             tta=self.model_config.infer_tta,
             dtype=self.dtype,
+            input_scale=self.model_config.input_scale,
         )
 
     def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:

@@ -4,10 +4,13 @@
 slide in memory:
 
 1. **Resolution.** The slide's pixel size (``tiffslide.mpp-x``, or ``mpp=`` when the file lacks it)
-   and the model's (``config.json`` ``extra.mpp``; the shipped model states 0.25 µm/px, 40x) give
-   the pyramid level to read: the coarsest level that is not coarser than the model's pixel size;
-   the small rest is resampled (area interpolation) so that the network sees the pixel size it
-   was trained on. All work happens on this *working grid*; outputs are in level-0 pixels and µm.
+   and the model's input pixel size (``config.json`` ``extra.mpp``: the pixel size of the images
+   it was trained on; the shipped model states 0.25 µm/px, 40x) give the pyramid level to read:
+   the coarsest level that is not coarser than that pixel size; the small rest is resampled (area
+   interpolation) to it. A model with ``input_scale`` 0.5 then resamples each block once more, to
+   the network's own pixel size, and its maps back (as for tiles), so outlines and the
+   post-processing stay at the input pixel size, never resampled twice by the slide code. All
+   work happens on this *working grid*; outputs are in level-0 pixels and µm.
 2. **Tissue.** A thumbnail (~8 µm/px, streamed from the best level) is thresholded on optical
    density (Otsu, clipped to a sane range); blocks whose core holds no tissue are never read.
 3. **Blocks.** The working grid is cut into square *cores* (``block`` px); each block is read with
@@ -160,7 +163,11 @@ def slide_mpp(slide: Any, path: Path, override: float | None = None) -> float:
 
 
 def model_mpp(folder: Path | None) -> float:
-    """Pixel size the model was trained at: ``config.json`` ``extra.mpp`` of its folder.
+    """Pixel size of the images the model takes: ``config.json`` ``extra.mpp`` of its folder.
+
+    This is the data's pixel size; the network itself runs at ``extra.mpp / input_scale``
+    (:attr:`kseg.model.ModelConfig.input_scale`), a resampling :class:`kseg.segmenter.Segmenter`
+    does itself.
 
     A folder without it is assumed to be 40x (:data:`DEFAULT_MODEL_MPP`), with a warning.
     """

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kseg.config import Params, params_hash, save_config
-from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles
+from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles, resample_tiles
 from kseg.device import amp_dtype, resolve_device
 from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text, check_replaceable, write_failure
 from kseg.infer import Preprocess
@@ -418,13 +418,20 @@ def restore_checkpoint(
 
 
 def _load_data(params: Params) -> tuple[dict[str, list[str]], Tiles, Tiles]:
+    """The split, the training tiles at the network's resolution, the validation tiles as stored.
+
+    Training tiles are resampled once here by ``model.input_scale`` (crops, augmentation and the
+    input standardization then work at the network's resolution); validation tiles stay at the
+    data's resolution, because validation segments them as evaluation and predict will: through
+    :func:`kseg.infer.predict_maps`, which resamples on the way in and out.
+    """
     prepared = Path(params.prepare.out_dir)
     split = load_split(prepared)
     normalized = Path(params.stain.out_dir) / "images"
     image_dir = normalized if normalized.is_dir() else prepared / "images"
     train = load_tiles(image_dir, prepared / "labels", split["train"])
     val = load_tiles(image_dir, prepared / "labels", split["val"])
-    return split, train, val
+    return split, resample_tiles(train, params.model.input_scale), val
 
 
 def _build_augment(params: Params) -> Any:

@@ -67,6 +67,7 @@ def validate_epoch(
                 device=device,
                 head=head,
                 tta=params.model.infer_tta,
+                input_scale=params.model.input_scale,
             )
             losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))
             if maps_out is not None:

@@ -379,3 +379,64 @@ def test_weight_average_is_the_decayed_mean_of_the_weights() -> None:
     assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
     assert torch.equal(ema.module[1].running_var, net[1].running_var)
     assert int(ema.module[1].num_batches_tracked) == 3
+
+
+def test_input_scale_trains_on_shrunk_tiles_and_validates_at_the_data_resolution(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import yaml
+
+    import kseg.train as train_mod
+    import kseg.validation_loop as val_mod
+    from kseg.config import load_params
+    from kseg.data.dataset import load_split, load_tiles
+    from kseg.segmenter import Segmenter
+
+    project = copy_project(prepared, tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["model"]["input_scale"] = 0.5
+    doc["train"]["epochs"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    trained_on: list[tuple[int, ...]] = []
+    real_dataset = train_mod.TrainDataset
+
+    def spy_dataset(tiles, *args, **kwargs):
+        trained_on.extend(image.shape for image in tiles.images)
+        return real_dataset(tiles, *args, **kwargs)
+
+    validated: list[tuple[tuple[int, ...], float]] = []
+    real_predict = val_mod.predict_maps
+
+    def spy_predict(model, image, *args, **kwargs):
+        validated.append((image.shape, kwargs["input_scale"]))
+        maps = real_predict(model, image, *args, **kwargs)
+        assert maps.shape[1:] == image.shape[:2]
+        return maps
+
+    monkeypatch.setattr(train_mod, "TrainDataset", spy_dataset)
+    monkeypatch.setattr(val_mod, "predict_maps", spy_predict)
+    train_mod.train(load_params("params.yaml"))
+
+    split = load_split(project / "prepared")
+    full = load_tiles(
+        project / "normalized" / "images", project / "prepared" / "labels", split["train"]
+    )
+    assert trained_on == [(h // 2, w // 2, 3) for h, w in (i.shape[:2] for i in full.images)]
+    val_shapes = {
+        i.shape
+        for i in load_tiles(
+            project / "normalized" / "images", project / "prepared" / "labels", split["val"]
+        ).images
+    }
+    # Per-epoch validation and the post-processing fit: full-size tiles, resampled inside.
+    assert validated and {shape for shape, _ in validated} == val_shapes
+    assert {scale for _, scale in validated} == {0.5}
+    folder = project / "models" / "kseg"
+    assert json.loads((folder / "config.json").read_text())["model"]["input_scale"] == 0.5
+    seg = Segmenter.from_folder(folder)
+    image = full.images[0]
+    labels, _ = seg.segment(image)
+    assert labels.shape == image.shape[:2] and np.issubdtype(labels.dtype, np.integer)

@@ -76,6 +76,24 @@ def load_tiles(image_dir: Path, label_dir: Path, ids: list[str]) -> Tiles:
     return Tiles(list(ids), images, labels)
 
 
+def resample_tiles(tiles: Tiles, scale: float) -> Tiles:
+    """``tiles`` at the network's resolution (``model.input_scale``; :mod:`kseg.resample`).
+
+    Images are resampled by area (when shrinking), instance labels nearest neighbour, so every
+    nucleus keeps its id and the targets computed from the labels keep touching nuclei apart.
+    ``scale`` 1 returns ``tiles`` itself.
+    """
+    if scale == 1.0:
+        return tiles
+    from kseg.resample import resize_image, resize_labels
+
+    return Tiles(
+        list(tiles.ids),
+        [resize_image(image, scale) for image in tiles.images],
+        [resize_labels(labels, scale) for labels in tiles.labels],
+    )
+
+
 def random_crop(
     image: NDArray[np.uint8],
     target: NDArray[np.float32],

@@ -16,7 +16,7 @@ Two presets matter:
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -60,6 +60,12 @@ class ModelConfig(BaseModel):
             translation-equivariant network can segment larger windows at once.
         infer_tta: Test-time augmentation at inference (validation, evaluate, predict, serving):
             ``flips`` averages the maps of the window and its three flips.
+        input_scale: The network's resolution relative to the data's (1 = the data's own, 0.5 =
+            half: a 512 tile at 0.25 µm/px reaches the network as 256 px at 0.5 µm/px). Training
+            tiles are resampled once at load (images by area, instance labels nearest), and every
+            inference path resamples the input, runs the network and resamples the maps back, so
+            post-processing, metrics and outputs stay at the input's resolution. ``tile_size``
+            and ``infer_window`` are in network pixels.
         head: ``dist`` (the original: one channel, ReLU, regressing the 0..255 per-image
             min-max scaled distance map) or ``fg_dist`` (two raw channels: a foreground logit and
             a logit of the distance to the nucleus border divided by that nucleus's largest
@@ -91,6 +97,9 @@ class ModelConfig(BaseModel):
     passes) need a size-agnostic network: unet or dice_dim_kernels shared"""
     infer_tta: Literal["none", "flips"] = "none"
     """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"""
+    input_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.125, le=4.0)] = 1.0
+    """resolution the network works at, relative to the data: 0.5 = half (each window covers 4x
+    the tissue); inputs are resampled on the way in and the maps back (kseg.resample)"""
     head: Literal["dist", "fg_dist"] = "dist"
     """dist = the original's 1-channel 0..255 distance map (ReLU); fg_dist = foreground logit +
     per-nucleus normalised distance logit (2 channels)"""
