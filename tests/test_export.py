@@ -162,7 +162,9 @@ def test_metadata_carries_preprocessing_and_postprocessing(
         assert meta["output"]["head"] == "fg_dist"
         assert meta["output"]["maps"] == "sigmoid(output)"
         assert meta["postprocess"] == post
-        assert meta["inference"]["window"] == 512
+        # The shipped model works at half resolution: 256 network windows over 512 tiles.
+        assert meta["inference"]["window"] == 256
+        assert meta["inference"]["input_scale"] == 0.5
         assert meta["stain"]["method"] == "none"
 
 

@@ -39,6 +39,12 @@ def test_shipped_model_folder_is_complete_and_documented() -> None:
     for words in ("CC BY 4.0", "Naylor", "µm", "kseg/presets/tnbc-unet.yaml", "TNBC"):
         assert words in card, words
     assert resolve_model("pretrained") == folder == resolve_model("pretrained:tnbc_unet")
+    # The card's resolution claims match the folder: 0.25 µm/px input, network at half of it.
+    config = json.loads((folder / "config.json").read_text())
+    params = json.loads((folder / "params.json").read_text())
+    assert config["extra"]["mpp"] == 0.25
+    assert config["model"]["input_scale"] == params["model"]["input_scale"] == 0.5
+    assert _card()["input_scale"] == 0.5 and "0.5 µm/px" in card
     with pytest.raises(ValueError, match="no such shipped model"):
         resolve_model("pretrained:nope")
     # The README states the shipped model's test AJI (the number this test holds predict to).
