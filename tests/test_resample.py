@@ -7,25 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kseg.data.dataset import Tiles, resample_tiles
-from kseg.infer import Preprocess, predict_maps
+from kseg.infer import predict_maps
 from kseg.resample import resize_image, resize_labels, resize_maps, scaled_shape
-
-IDENTITY = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-class RedChannel(torch.nn.Module):
-    """A 'dist' network whose map is the red channel it sees; records the window sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[int, ...]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(tuple(x.shape))
-        return x[:, :1]
+from tests.test_infer import IDENTITY, FirstChannel
 
 
 def test_scaled_shape_rounds_and_rejects_a_non_positive_scale() -> None:
@@ -88,17 +74,17 @@ def test_predict_maps_runs_the_network_at_the_scaled_size_and_answers_at_the_inp
     rng = np.random.default_rng(1)
     low = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
     image = np.kron(low, np.ones((2, 2, 1), np.uint8))  # (96, 80, 3)
-    net = RedChannel()
+    net = FirstChannel()  # the map is the red channel it sees; records the window shapes
     maps = predict_maps(net, image, IDENTITY, 48, head="dist", input_scale=0.5)
     assert maps.shape == (1, 96, 80)
     # The windows were cut from the 48 x 40 image: one 48 x 48 window (padded), not six.
-    assert net.seen == [(1, 3, 48, 48)]
+    assert net.calls == [(1, 3, 48, 48)]
     # The network saw the low-res picture exactly (the block means), and the map returned to
     # the input's grid agrees with the red channel there up to bilinear smoothing of edges.
     expected = resize_maps(low[None, :, :, 0].astype(np.float32), 96, 80)
     np.testing.assert_allclose(maps, expected, atol=1e-3)
     # Resampling is the only difference from running on the half-size image directly.
-    direct = predict_maps(RedChannel(), low, IDENTITY, 48, head="dist")
+    direct = predict_maps(FirstChannel(), low, IDENTITY, 48, head="dist")
     np.testing.assert_allclose(maps, resize_maps(direct, 96, 80), atol=1e-4)
 
 
