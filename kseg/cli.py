@@ -232,7 +232,10 @@ def model_info_cmd(
     from kseg.model import model_info
 
     info = model_info(cfg)
-    table = Table(title=f"{cfg.arch}, nfeat={cfg.nfeat}, tile {info['tile_size']}")
+    title = f"{cfg.arch}, nfeat={cfg.nfeat}, tile {info['tile_size']}"
+    if cfg.input_scale != 1.0:  # the cost a user pays per tile of their own images
+        title += f" = {info['input_tile']} input px (input_scale {cfg.input_scale:g})"
+    table = Table(title=title)
     for col in ("params total", "params used", "GMACs / tile", "GMACs Conv2d only"):
         table.add_column(col, justify="right")
     table.add_row(

@@ -75,3 +75,25 @@ def test_unet_macs_match_hand_count():
     assert info["macs_conv2d"] == conv
     assert info["macs"] == conv + deconv
     assert info["params_used"] == info["params_total"]
+
+
+def test_input_scale_states_the_input_tile_and_keeps_the_network_cost():
+    cfg = ModelConfig(arch="unet", nfeat=4, tile_size=16)
+    half = model_info(cfg.with_(input_scale=0.5))
+    full = model_info(cfg)
+    assert (half["input_tile"], full["input_tile"]) == (32, 16)
+    assert half["macs"] == full["macs"]  # the cost is per network tile: 16 px = 32 input px
+
+
+def test_model_info_command_names_the_input_tile_of_the_shipped_preset():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from kseg.cli import app
+
+    preset = Path(__file__).resolve().parents[1] / "kseg" / "presets" / "tnbc-unet.yaml"
+    res = CliRunner().invoke(app, ["model-info", "--params", str(preset)])
+    assert res.exit_code == 0, res.output
+    assert "tile 256 = 512 input px (input_scale 0.5)" in res.output
+    assert "9.221" in res.output  # GMACs of the network on its 256 x 256 input (README column)

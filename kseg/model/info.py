@@ -64,7 +64,7 @@ def _count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
 
 def model_info(
     cfg: ModelConfig, tile_size: int | None = None, macs: bool = True
-) -> dict[str, int | str]:
+) -> dict[str, int | float | str]:
     """Parameter counts and MACs per tile for ``cfg`` (see the module docstring).
 
     Args:
@@ -75,8 +75,10 @@ def model_info(
             ``params_total`` is filled and the others are -1.
 
     Returns:
-        ``arch``, ``nfeat``, ``tile_size``, ``params_total``, ``params_used``, ``macs``,
-        ``macs_conv2d``.
+        ``arch``, ``nfeat``, ``tile_size``, ``input_scale``, ``input_tile`` (the edge in the
+        data's pixels that one network tile covers: ``tile_size / input_scale``), ``params_total``,
+        ``params_used``, ``macs``, ``macs_conv2d``. The MACs are per network tile: with
+        ``input_scale`` 0.5 a 256 tile is a whole 512 input tile.
     """
     from kseg.model import build_model
 
@@ -89,6 +91,8 @@ def model_info(
         "arch": cfg.arch,
         "nfeat": cfg.nfeat,
         "tile_size": t,
+        "input_scale": cfg.input_scale,
+        "input_tile": round(t / cfg.input_scale),
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_used": used,
         "macs": n_macs,
