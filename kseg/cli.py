@@ -453,7 +453,9 @@ def predict(
         float | None,
         typer.Option(
             min=0.01,
-            help="Whole slides: level-0 µm per pixel, overriding (or supplying) the slide's.",
+            help="µm per pixel of the inputs. Images: resampled to the model's pixel size "
+            "(the shipped model: 0.25) and the labels back (default: taken to be at it). Whole "
+            "slides: level-0 pixel size, overriding (or supplying) the slide's.",
         ),
     ] = None,
     block: Annotated[

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,7 +38,10 @@ from kseg.safety import (
     redact,
     redact_text,
 )
-from kseg.slide import SLIDE_SUFFIXES, is_slide, output_names
+from kseg.slide import SLIDE_SUFFIXES, is_slide, model_mpp, output_names
+
+if TYPE_CHECKING:
+    from kseg.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +360,11 @@ def predict(
     ``max_pixels`` refuses larger images (default ``KSEG_MAX_PIXELS`` or
     :data:`kseg.safety.PREDICT_MAX_PIXELS`). A failed image does not stop the others.
     Whole slides (SVS, pyramidal TIFF, ... see :func:`kseg.slide.is_slide`) are segmented block
-    by block by :mod:`kseg.slide`; ``mpp`` is their level-0 pixel size in µm when they lack one,
-    ``slide_options`` more keywords of :func:`kseg.slide.segment_slide` (``block``, ``margin``).
+    by block by :mod:`kseg.slide`. ``mpp`` (µm per pixel) is the pixel size of the other images
+    (they are resampled to the model's, ``config.json`` ``extra.mpp``, and their labels back to
+    their own grid; None: taken to be at the model's) and the level-0 pixel size of slides,
+    overriding theirs. ``slide_options``: more keywords of :func:`kseg.slide.segment_slide`
+    (``block``, ``margin``).
     Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
     ``runtime``: ``torch``, ``compiled``, ``onnx``, ``openvino`` or ``auto``
     (see :mod:`kseg.runtime`).
@@ -372,10 +379,13 @@ def predict(
     files = list(iter_inputs(inputs, report))
     names = output_names(files)
     slides = [p for p in files if is_slide(p)]
-    for path in _progress([p for p in files if p not in slides], progress):
+    images = [p for p in files if p not in slides]
+    # µm per pixel of the images over the model's: 2 = a 20x image for a 40x model (enlarged 2x)
+    scale = 1.0 if mpp is None or not images else mpp / model_mpp(folder)
+    for path in _progress(images, progress):
         try:
             rgb = read_image(path, limit)
-            labels, _ = segmenter.segment(rgb)
+            labels = segment_at_scale(segmenter, rgb, scale, limit, path)
             report.written += write_outputs(out_dir, names[path], rgb, labels)
         except (ValueError, OSError, MemoryError) as err:
             if isinstance(err, MemoryError):
@@ -396,6 +406,39 @@ def predict(
         report.written += [p for r in results for p in r.written]
         report.failed.update(failed)
     return report
+
+
+def segment_at_scale(
+    segmenter: Segmenter,
+    rgb: NDArray[np.uint8],
+    scale: float,
+    max_pixels: int = PREDICT_MAX_PIXELS,
+    where: Path | str = "image",
+) -> NDArray[np.int32]:
+    """Instance labels of ``rgb`` on its own grid, segmented at the model's pixel size.
+
+    Args:
+        segmenter: The model.
+        rgb: ``(H, W, 3)`` uint8 image.
+        scale: The image's µm per pixel over the model's: the image is resampled by it
+            (:func:`kseg.resample.resize_image`), segmented, and the labels go back to ``(H, W)``
+            by nearest neighbour, so post-processing sizes fitted in the model's pixels still hold.
+            Within 0.1% of 1: no resampling.
+        max_pixels: Refuse a resampled image above this many pixels.
+        where: Named in the error.
+
+    Raises:
+        UnsafeInput: If the resampled image is above ``max_pixels``.
+    """
+    from kseg.resample import resize_image, resize_labels_to, scaled_shape
+
+    if abs(scale - 1.0) < 1e-3:
+        return segmenter.segment(rgb)[0]
+    h, w = scaled_shape(rgb.shape[0], rgb.shape[1], scale)
+    hint = " (raise --max-pixels if memory allows)"
+    check_pixels(h, w, max_pixels, f"{where} resampled to the model's pixel size", hint)
+    labels, _ = segmenter.segment(resize_image(rgb, scale))
+    return resize_labels_to(labels, rgb.shape[0], rgb.shape[1])
 
 
 def _progress(files: list[Path], enabled: bool) -> Iterable[Path]:

@@ -49,8 +49,25 @@ def resize_labels(labels: NDArray[np.integer], scale: float) -> NDArray[np.integ
     if scale == 1.0:
         return labels
     h, w = scaled_shape(labels.shape[0], labels.shape[1], scale)
-    rows = np.minimum(((np.arange(h) + 0.5) / scale).astype(np.int64), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) / scale).astype(np.int64), labels.shape[1] - 1)
+    return _nearest(labels, h, w, scale, scale)
+
+
+def resize_labels_to(labels: NDArray[np.integer], height: int, width: int) -> NDArray[np.integer]:
+    """``(H, W)`` instance labels resampled to ``(height, width)``, nearest neighbour.
+
+    The inverse of :func:`resize_labels` up to rounding: labels made on a resampled image go back
+    to the exact grid of the original (whose size ``scaled_shape`` may not round-trip).
+    """
+    if labels.shape == (height, width):
+        return labels
+    return _nearest(labels, height, width, height / labels.shape[0], width / labels.shape[1])
+
+
+def _nearest(
+    labels: NDArray[np.integer], height: int, width: int, scale_y: float, scale_x: float
+) -> NDArray[np.integer]:
+    rows = np.minimum(((np.arange(height) + 0.5) / scale_y).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) / scale_x).astype(np.int64), labels.shape[1] - 1)
     return labels[rows[:, None], cols[None, :]]
 
 

@@ -10,7 +10,13 @@ import pytest
 
 from kseg.data.dataset import Tiles, resample_tiles
 from kseg.infer import predict_maps
-from kseg.resample import resize_image, resize_labels, resize_maps, scaled_shape
+from kseg.resample import (
+    resize_image,
+    resize_labels,
+    resize_labels_to,
+    resize_maps,
+    scaled_shape,
+)
 from tests.test_infer import IDENTITY, FirstChannel
 
 
@@ -121,3 +127,19 @@ def test_segmenter_of_a_half_scale_folder_resamples_once(tmp_path: Path) -> None
     np.testing.assert_allclose(maps, resize_maps(full.maps(resize_image(image, 0.5)), 128, 96))
     labels, distance = seg.segment(image)
     assert labels.shape == (128, 96) and distance.shape == (128, 96)
+
+
+@pytest.mark.parametrize(("shape", "scale"), [((7, 5), 0.5), ((9, 6), 2.0), ((11, 13), 0.3)])
+def test_resize_labels_to_returns_to_the_exact_original_grid(shape, scale):
+    labels = np.arange(1, shape[0] * shape[1] + 1, dtype=np.int32).reshape(shape)
+    there = resize_labels(labels, scale)
+    back = resize_labels_to(there, *shape)
+    assert back.shape == shape and back.dtype == labels.dtype
+    if scale == 2.0:  # every pixel was copied into a 2 x 2 block: the round trip is exact
+        np.testing.assert_array_equal(back, labels)
+    assert set(np.unique(back)) <= set(np.unique(there))  # ids are never mixed
+
+
+def test_resize_labels_to_same_shape_is_the_input():
+    labels = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    assert resize_labels_to(labels, 2, 2) is labels
