@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
-        [--tta flips] [--window 256] [--refit] [--json out.json]
+        [--tta flips|dihedral] [--window 256] [--refit] [--json out.json]
 
 For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
 tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--prepared", type=Path, default=Path("prepared"))
     parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
-    parser.add_argument("--tta", choices=("none", "flips"), help="override model.infer_tta")
+    parser.add_argument(
+        "--tta", choices=("none", "flips", "dihedral"), help="override model.infer_tta"
+    )
     parser.add_argument(
         "--window", type=int, help="override model.infer_window (size-agnostic networks only)"
     )

@@ -237,8 +237,9 @@ def predict_maps(
         head: ``dist`` or ``fg_dist`` (default: the model's own, see :func:`model_head`).
         dtype: ``torch.float16`` / ``torch.bfloat16`` runs the network under autocast; None
             (default) in float32. Blending is float32 either way.
-        tta: Test-time augmentation: ``none``, or ``flips`` (the mean of the maps of the window
-            and of its horizontal, vertical and double flips, each flipped back; 4x the work).
+        tta: Test-time augmentation: ``none``; ``flips`` (the mean of the maps of the window
+            and of its horizontal, vertical and double flips, each flipped back; 4x the work);
+            or ``dihedral`` (the flips and the flips of the transposed window; 8x the work).
         input_scale: The network's resolution relative to the image's (``model.input_scale``):
             the image is resampled by it before tiling and the maps are resampled back to
             ``(H, W)`` (:mod:`kseg.resample`); ``tile`` and ``overlap`` are in network pixels.
@@ -290,10 +291,13 @@ def predict_maps(
     return (acc / weight_sum)[:, :h, :w].cpu().numpy()
 
 
-#: Flipped dims of each test-time augmentation view (inputs are B x C x H x W).
-TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "none": ((),),
-    "flips": ((), (3,), (2,), (2, 3)),
+#: Each test-time augmentation view as (quarter turns in the H-W plane, flipped dims), applied in
+#: that order (inputs are B x C x H x W; windows are square, so a quarter turn keeps their shape).
+TTA_VIEWS: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {
+    "none": ((0, ()),),
+    "flips": ((0, ()), (0, (3,)), (0, (2,)), (0, (2, 3))),
+    # the 8 symmetries of the square: the 4 flips and the 4 flips of the transpose
+    "dihedral": tuple((k, dims) for k in (0, 1) for dims in ((), (3,), (2,), (2, 3))),
 }
 
 
@@ -302,10 +306,12 @@ def _maps_with_tta(model: torch.nn.Module, x: torch.Tensor, head: str, tta: str)
     if tta not in TTA_VIEWS:
         raise ValueError(f"model.infer_tta: unknown {tta!r}; expected one of {list(TTA_VIEWS)}")
     total: torch.Tensor | None = None
-    for dims in TTA_VIEWS[tta]:
-        view = x.flip(dims) if dims else x
+    for turns, dims in TTA_VIEWS[tta]:
+        view = torch.rot90(x, turns, (2, 3)) if turns else x
+        view = view.flip(dims) if dims else view
         maps = output_to_maps(model(view), head)
-        maps = maps.flip(dims) if dims else maps
+        maps = maps.flip(dims) if dims else maps  # undo in reverse order
+        maps = torch.rot90(maps, -turns, (2, 3)) if turns else maps
         total = maps if total is None else total.add_(maps)
     assert total is not None
     return total / len(TTA_VIEWS[tta])

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kseg.config import Params, params_hash, save_config
+from kseg.config import Params, TrainConfig, params_hash, save_config
 from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles, resample_tiles
 from kseg.device import amp_dtype, resolve_device
 from kseg.fsutil import atomic_dir, atomic_path, atomic_write_text, check_replaceable, write_failure
@@ -497,6 +497,35 @@ def _train_info(loss: float, rate: float) -> str:
     return f"loss {shown}  {rate:.1f} tiles/s"
 
 
+def autocast_setting(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Whether the training forward runs under autocast on ``device``, and in which dtype.
+
+    CUDA: ``train.amp`` in ``train.amp_dtype``. CPU: ``train.cpu_amp``, always bfloat16 (CPU
+    autocast has no float16 loss scaling and bfloat16 keeps float32's range).
+    """
+    if device.type == "cuda":
+        return bool(cfg.amp), amp_dtype(cfg.amp_dtype) or torch.float16
+    return bool(cfg.cpu_amp) and device.type == "cpu", torch.bfloat16
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the network and its inputs use the channels_last memory format.
+
+    ``train.channels_last`` on CUDA, ``train.cpu_channels_last`` on CPU.
+    """
+    if device.type == "cuda":
+        return bool(cfg.channels_last)
+    return bool(cfg.cpu_channels_last) and device.type == "cpu"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def _train_epoch(
     params: Params,
     model: torch.nn.Module,
@@ -510,9 +539,8 @@ def _train_epoch(
 ) -> dict[str, float]:
     cfg = params.train
     model.train()
-    use_amp = cfg.amp and device.type == "cuda"
-    dtype = amp_dtype(cfg.amp_dtype) or torch.float16
-    fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else None
+    use_amp, dtype = autocast_setting(cfg, device)
+    fmt = torch.channels_last if uses_channels_last(cfg, device) else None
     check_every = cfg.check_every or (50 if device.type == "cuda" else 1)
     watch = DivergenceWatch(device)
     # Sums in float64 on the device: the same numbers as a host-side float sum, without a sync.
@@ -615,8 +643,13 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     model = build_model(params.model).to(device)
     if hasattr(model, "recompute_levels"):  # Kidney-SegNet only (the U-Net keeps little)
         model.recompute_levels = cfg.recompute_levels
-    if cfg.channels_last and device.type == "cuda":
+    if uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
+    if cfg.cpu_amp and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning(
+            "train.cpu_amp: this CPU has no native bfloat16 (AVX512-BF16 / AMX): autocast is "
+            "emulated and slower than float32; set train.cpu_amp false"
+        )
     # The average validates, is selected and is saved; the raw weights keep training.
     ema = weight_average(model, cfg.ema_decay)
     evaluated = ema.module if ema is not None else model

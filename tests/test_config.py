@@ -27,6 +27,8 @@ UNSET_DEFAULTS = {
     "model.infer_tta": "none",  # no test-time augmentation
     "train.fg_loss_weight": 1.0,
     "train.amp_dtype": "float16",  # CUDA AMP
+    "train.cpu_amp": False,  # CPU training in float32
+    "train.cpu_channels_last": False,
     "train.threads": 0,  # torch's default
     "train.workers": 0,  # load batches in the main process
     "train.deterministic": True,

@@ -186,3 +186,24 @@ def test_flip_tta_makes_predictions_flip_equivariant() -> None:
     )
     with pytest.raises(ValueError, match="infer_tta"):
         predict_maps(model, img, Preprocess(), 64, tta="rot")
+
+
+def test_dihedral_tta_makes_predictions_equivariant_to_transpose_and_quarter_turns() -> None:
+    from kseg.infer import Preprocess, predict_maps
+    from kseg.model import build_model
+    from kseg.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="unet", nfeat=4, tile_size=64, head="fg_dist")).eval()
+    img = np.random.default_rng(1).integers(0, 255, (100, 90, 3), dtype=np.uint8)
+    tta = predict_maps(model, img, Preprocess(), 64, tta="dihedral")
+    transposed = predict_maps(model, img.transpose(1, 0, 2), Preprocess(), 64, tta="dihedral")
+    turned = predict_maps(model, np.rot90(img, 1), Preprocess(), 64, tta="dihedral")
+    assert tta.shape == (2, 100, 90) and ((tta >= 0) & (tta <= 1)).all()
+    # the mean over the 8 symmetries of each window does not depend on the image's orientation
+    np.testing.assert_allclose(transposed.transpose(0, 2, 1), tta, atol=1e-6)
+    np.testing.assert_allclose(np.rot90(turned, -1, axes=(1, 2)), tta, atol=1e-6)
+    # flips alone are not transpose-invariant (so the check above can fail)
+    flips = predict_maps(model, img, Preprocess(), 64, tta="flips")
+    flips_t = predict_maps(model, img.transpose(1, 0, 2), Preprocess(), 64, tta="flips")
+    assert np.abs(flips_t.transpose(0, 2, 1) - flips).max() > 1e-4

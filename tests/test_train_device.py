@@ -136,3 +136,52 @@ def test_determinism_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, det
         train_mod.configure_determinism(torch.device("cpu"), True)
+
+
+@pytest.mark.parametrize(
+    ("cpu_amp", "cpu_channels_last"), [(False, False), (True, False), (True, True)]
+)
+def test_cpu_bf16_autocast_and_channels_last_reach_the_training_step(
+    cpu_amp: bool, cpu_channels_last: bool
+) -> None:
+    from kseg.config import params_from_dict
+    from kseg.model import build_model
+
+    params = params_from_dict(
+        {
+            "model": {"arch": "unet", "nfeat": 4, "tile_size": 32},
+            "train": {"cpu_amp": cpu_amp, "cpu_channels_last": cpu_channels_last, "amp": True},
+        }
+    )
+    cpu = torch.device("cpu")
+    assert train_mod.autocast_setting(params.train, cpu) == (cpu_amp, torch.bfloat16)
+    assert train_mod.uses_channels_last(params.train, cpu) is cpu_channels_last
+    # train.amp / train.channels_last (true) are the CUDA settings: they leave the CPU alone
+    assert (
+        train_mod.autocast_setting(params.train.model_copy(update={"cpu_amp": False}), cpu)[0]
+        is False
+    )
+
+    torch.manual_seed(0)
+    model = build_model(params.model)
+    if cpu_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen: list[tuple[torch.dtype, bool]] = []
+    first_conv.register_forward_hook(
+        lambda _m, inputs, out: seen.append(
+            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    loader, sampler = train_mod.build_loader(_dataset(), 2, seed=3, workers=0)
+    sampler.set_epoch(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = train_mod._train_epoch(params, model, loader, opt, scaler, cpu, 0)
+    assert np.isfinite(out["train_loss"]) and len(seen) == len(loader) > 0
+    assert {dtype for dtype, _ in seen} == {torch.bfloat16 if cpu_amp else torch.float32}
+    assert {layout for _, layout in seen} == {cpu_channels_last}
+    # the weights stay float32 and are updated
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -59,7 +59,8 @@ class ModelConfig(BaseModel):
             (0 = ``tile_size``). Training crops stay ``tile_size``; a fully convolutional,
             translation-equivariant network can segment larger windows at once.
         infer_tta: Test-time augmentation at inference (validation, evaluate, predict, serving):
-            ``flips`` averages the maps of the window and its three flips.
+            ``flips`` averages the maps of the window and its three flips (4x the network's
+            work), ``dihedral`` those and the flips of the transposed window (8x).
         input_scale: The network's resolution relative to the data's (1 = the data's own, 0.5 =
             half: a 512 tile at 0.25 µm/px reaches the network as 256 px at 0.5 µm/px). Training
             tiles are resampled once at load (images by area, instance labels nearest), and every
@@ -95,7 +96,7 @@ class ModelConfig(BaseModel):
     infer_window: StrictInt = Field(0, ge=0, le=8192)
     """inference window edge; 0 = tile_size. Larger windows (more context, fewer seams, fewer
     passes) need a size-agnostic network: unet or dice_dim_kernels shared"""
-    infer_tta: Literal["none", "flips"] = "none"
+    infer_tta: Literal["none", "flips", "dihedral"] = "none"
     """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"""
     input_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.125, le=4.0)] = 1.0
     """resolution the network works at, relative to the data: 0.5 = half (each window covers 4x
