@@ -732,6 +732,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                         tracker,
                         epoch,
                         on_tile=on_val_tile,
+                        tta=None if cfg.epoch_val_tta else "none",
                     )
                 )
                 if progress is not None:

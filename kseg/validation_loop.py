@@ -33,13 +33,14 @@ def validate_epoch(
     epoch: int = 0,
     maps_out: list[np.ndarray] | None = None,
     on_tile: Callable[[], None] | None = None,
+    tta: str | None = None,
 ) -> dict[str, float]:
     """Mean validation loss and segmentation scores over ``tiles``.
 
     ``val_loss`` is the mean squared error of the maps against the head's targets (for ``fg_dist``:
     of the probabilities against the mask and the normalised distance). If ``maps_out`` is given,
     the predicted maps are appended to it (for fitting the post-processing); ``on_tile`` is called
-    after each tile (a progress bar).
+    after each tile (a progress bar). ``tta`` overrides ``model.infer_tta`` (None: the model's).
 
     Returns:
         ``val_loss`` and the means of :data:`SCORES` (empty dict when there is no validation tile).
@@ -66,7 +67,7 @@ def validate_epoch(
                 batch_size=params.train.infer_batch_size,
                 device=device,
                 head=head,
-                tta=params.model.infer_tta,
+                tta=params.model.infer_tta if tta is None else tta,
                 input_scale=params.model.input_scale,
             )
             losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))

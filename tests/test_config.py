@@ -27,6 +27,7 @@ UNSET_DEFAULTS = {
     "model.infer_tta": "none",  # no test-time augmentation
     "train.fg_loss_weight": 1.0,
     "train.amp_dtype": "float16",  # CUDA AMP
+    "train.epoch_val_tta": True,  # per-epoch validation with model.infer_tta
     "train.cpu_amp": False,  # CPU training in float32
     "train.cpu_channels_last": False,
     "train.threads": 0,  # torch's default

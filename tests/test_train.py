@@ -440,3 +440,47 @@ def test_input_scale_trains_on_shrunk_tiles_and_validates_at_the_data_resolution
     image = full.images[0]
     labels, _ = seg.segment(image)
     assert labels.shape == image.shape[:2] and np.issubdtype(labels.dtype, np.integer)
+
+
+@pytest.mark.parametrize("epoch_val_tta", [True, False])
+def test_epoch_validation_tta_follows_the_option_and_the_fit_uses_the_models(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch_val_tta: bool
+) -> None:
+    import yaml
+
+    import kseg.train as train_mod
+    import kseg.validation_loop as val_mod
+    from kseg.config import load_params
+    from kseg.data.dataset import load_split
+
+    project = copy_project(prepared, tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["model"]["infer_tta"] = "flips"
+    doc["train"].update(epochs=2, epoch_val_tta=epoch_val_tta)
+    doc["postprocess"]["fit"] = True
+    (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    calls: list[tuple[str, bool]] = []  # (tta, maps kept for the post-processing fit)
+    real_validate = val_mod.validate_epoch
+
+    def spy_validate(*args, **kwargs):
+        real_predict = val_mod.predict_maps
+        seen: list[str] = []
+
+        def spy_predict(*p_args, **p_kwargs):
+            seen.append(p_kwargs["tta"])
+            return real_predict(*p_args, **p_kwargs)
+
+        monkeypatch.setattr(val_mod, "predict_maps", spy_predict)
+        try:
+            return real_validate(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(val_mod, "predict_maps", real_predict)
+            calls.extend((tta, kwargs.get("maps_out") is not None) for tta in set(seen))
+
+    monkeypatch.setattr(train_mod, "validate_epoch", spy_validate)
+    train_mod.train(load_params("params.yaml"))
+    assert load_split(project / "prepared")["val"]  # there were validation tiles to see
+    per_epoch = "flips" if epoch_val_tta else "none"
+    assert calls == [(per_epoch, False), (per_epoch, False), ("flips", True)]
