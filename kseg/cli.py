@@ -473,6 +473,14 @@ def predict(
             "auto)."
         ),
     ] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            help="Test-time augmentation: none, flips (4x the network's time) or dihedral (8x) "
+            "(default: the model's; the shipped model uses flips). Its post-processing "
+            "thresholds were fitted with the model's own.",
+        ),
+    ] = None,
 ) -> None:
     """Segment images of any size: labels TIFF, overlay PNG, per-nucleus CSV, QuPath GeoJSON.
 
@@ -497,6 +505,7 @@ def predict(
             mpp=mpp,
             slide_options={"block": block, "margin": margin},
             runtime=runtime or os.environ.get("KSEG_RUNTIME") or "auto",
+            tta=tta,
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

@@ -352,6 +352,7 @@ def predict(
     mpp: float | None = None,
     slide_options: dict | None = None,
     runtime: str = "torch",
+    tta: str | None = None,
 ) -> PredictReport:
     """Segments every input image with ``model`` and writes the results into ``out_dir``.
 
@@ -367,14 +368,23 @@ def predict(
     (``block``, ``margin``).
     Inputs with the same file name get distinct output names (:func:`kseg.slide.output_names`).
     ``runtime``: ``torch``, ``compiled``, ``onnx``, ``openvino`` or ``auto``
-    (see :mod:`kseg.runtime`).
+    (see :mod:`kseg.runtime`). ``tta`` overrides the model's test-time augmentation
+    (``none``, ``flips``, ``dihedral``; None: the model's ``model.infer_tta``).
+
+    Raises:
+        ValueError: If ``tta`` is not one of those (before the model is loaded).
     """
     limit = max_pixels or max_pixels_from_env(PREDICT_MAX_PIXELS)
+    from kseg.infer import TTA_VIEWS
     from kseg.segmenter import Segmenter
     from kseg.slide import segment_slides
 
+    if tta is not None and tta not in TTA_VIEWS:
+        raise ValueError(f"--tta {tta!r}: expected one of {', '.join(TTA_VIEWS)}")
     folder = resolve_model(model)
     segmenter = Segmenter.from_folder(folder, device, batch_size, dtype, runtime)
+    if tta is not None:  # the post-processing thresholds stay those fitted with the model's own
+        segmenter.model_config = segmenter.model_config.model_copy(update={"infer_tta": tta})
     report = PredictReport()
     files = list(iter_inputs(inputs, report))
     names = output_names(files)

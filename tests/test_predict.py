@@ -133,3 +133,35 @@ def test_cli_exit_code_and_messages(model_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "no_model: model folder not found" in result.output
+
+
+def test_tta_option_overrides_the_models_and_bad_values_are_named(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kseg.infer as infer_mod
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    used: list[str] = []
+    real = infer_mod._maps_with_tta
+
+    def spy(model, x, head, tta):
+        used.append(tta)
+        return real(model, x, head, tta)
+
+    monkeypatch.setattr(infer_mod, "_maps_with_tta", spy)
+    model_tta = json.loads((model_dir / "config.json").read_text())["model"]["infer_tta"]
+    for option, expected in ((None, model_tta), ("flips", "flips"), ("dihedral", "dihedral")):
+        used.clear()
+        predict(
+            [tmp_path / "a.png"], str(model_dir), tmp_path / str(option), progress=False, tta=option
+        )
+        assert used and set(used) == {expected}
+    runner = CliRunner()
+    args = ["predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out"]
+    result = runner.invoke(app, [*args, str(tmp_path / "cli"), "--tta", "flips"])
+    assert result.exit_code == 0 and (tmp_path / "cli" / "a_labels.tif").is_file()
+    result = runner.invoke(app, [*args, str(tmp_path / "bad"), "--tta", "rot45"])
+    assert result.exit_code == 2
+    assert "--tta 'rot45': expected one of none, flips, dihedral" in result.output
+    assert not (tmp_path / "bad").exists()
