@@ -14,7 +14,9 @@ head, AdamW, batch 4, 256 crops): tiles/s and the peak resident memory of a fres
 row (``ru_maxrss`` of the child: torch, the model, Adam state, activations and the allocator's
 retained heap), for the U-Net, Kidney-SegNet at the default width and at the paper's width
 (nfeat 32 / mid 256), the latter with and without ``train.recompute_levels`` (which also caps
-glibc's heap, as ``kseg train`` does: ``kseg.model.cap_cpu_heap``).
+glibc's heap, as ``kseg train`` does: ``kseg.model.cap_cpu_heap``); then the CPU speed options
+``train.cpu_amp`` (bfloat16 autocast forward) and ``train.cpu_channels_last``, which pay off on
+CPUs with native bfloat16 (AVX512-BF16, AMX) only.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ RECIPE_ROWS = (
     ),
 )
 
+#: CPU speed options (docs/training.md), as ``kseg train`` applies them: name, model, train keys.
+CPU_OPTION_ROWS = (
+    ("U-Net nfeat 32, cpu_amp + cpu_channels_last", {"arch": "unet", "nfeat": 32}, True, True),
+    (
+        "Kidney-SegNet nfeat 16, per-row kernels, cpu_amp",
+        {"nfeat": 16, "mid_channels": 128, "dice_dim_kernels": "per_position"},
+        True,
+        False,
+    ),
+)
+
 
 def recipe_child(spec: str) -> None:
     """One recipe row in this (fresh) process; prints a JSON line with s/step and peak RSS."""
@@ -86,10 +99,16 @@ def recipe_child(spec: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     x = torch.randn(4, 3, 256, 256)
     y = (torch.rand(4, 2, 256, 256) > 0.5).float()
+    if raw.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    bf16 = bool(raw.get("bf16"))
     times = []
     for i in range(raw["steps"] + 1):  # the first step is warm-up
         start = time.perf_counter()
-        loss = loss_fn("mse", 1.0, model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x)
+        loss = loss_fn("mse", 1.0, pred.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -111,8 +130,18 @@ def recipe_table(steps: int) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     base = None
-    for name, model_kw, recompute in RECIPE_ROWS:
-        spec = json.dumps({"model": model_kw, "recompute": recompute, "steps": steps})
+    rows = [(name, kw, recompute, False, False) for name, kw, recompute in RECIPE_ROWS]
+    rows += [(name, kw, 0, bf16, cl) for name, kw, bf16, cl in CPU_OPTION_ROWS]
+    for name, model_kw, recompute, bf16, channels_last in rows:
+        spec = json.dumps(
+            {
+                "model": model_kw,
+                "recompute": recompute,
+                "steps": steps,
+                "bf16": bf16,
+                "channels_last": channels_last,
+            }
+        )
         out = subprocess.run(
             [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
         )
