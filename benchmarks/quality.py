@@ -41,13 +41,13 @@ def score_split(segmenter, tiles) -> tuple[dict[str, float], float]:
 
 
 def main() -> None:
+    from kseg.infer import TTA_VIEWS
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--prepared", type=Path, default=Path("prepared"))
     parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
-    parser.add_argument(
-        "--tta", choices=("none", "flips", "dihedral"), help="override model.infer_tta"
-    )
+    parser.add_argument("--tta", choices=tuple(TTA_VIEWS), help="override model.infer_tta")
     parser.add_argument(
         "--window", type=int, help="override model.infer_window (size-agnostic networks only)"
     )

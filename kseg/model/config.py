@@ -97,7 +97,7 @@ class ModelConfig(BaseModel):
     """inference window edge; 0 = tile_size. Larger windows (more context, fewer seams, fewer
     passes) need a size-agnostic network: unet or dice_dim_kernels shared"""
     infer_tta: Literal["none", "flips", "dihedral"] = "none"
-    """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost)"""
+    """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost) | dihedral (8x)"""
     input_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.125, le=4.0)] = 1.0
     """resolution the network works at, relative to the data: 0.5 = half (each window covers 4x
     the tissue); inputs are resampled on the way in and the maps back (kseg.resample)"""
