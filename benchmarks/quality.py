@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
-        [--tta flips|dihedral] [--window 256] [--refit] [--json out.json]
+        [--tta flips|dihedral] [--scales 1.0 1.25] [--window 256] [--refit] [--json out.json]
 
 For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
 tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--post", choices=("fitted", "params", "original"), default="fitted")
     parser.add_argument("--tta", choices=tuple(TTA_VIEWS), help="override model.infer_tta")
     parser.add_argument(
+        "--scales", type=float, nargs="+", help="override model.infer_scales (factors)"
+    )
+    parser.add_argument(
         "--window", type=int, help="override model.infer_window (size-agnostic networks only)"
     )
     parser.add_argument(
@@ -76,6 +79,10 @@ def main() -> None:
             seg.postprocess = PostprocessConfig(min_size=0)
         if args.tta:
             seg.model_config = seg.model_config.model_copy(update={"infer_tta": args.tta})
+        if args.scales:
+            seg.model_config = seg.model_config.model_validate(
+                {**seg.model_config.model_dump(), "infer_scales": tuple(args.scales)}
+            )
         if args.window is not None:
             seg.model_config = seg.model_config.model_copy(update={"infer_window": args.window})
         if args.refit:  # on the validation tiles only, as the train stage does
@@ -94,6 +101,7 @@ def main() -> None:
                     "split": name,
                     "post": args.post,
                     "tta": seg.model_config.infer_tta,
+                    "scales": list(seg.model_config.infer_scales),
                     "window": seg.model_config.window,
                     "seconds_per_tile": seconds,
                     **scores,

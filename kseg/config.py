@@ -277,9 +277,9 @@ class TrainConfig(Section):
     channels_last: Bool = True
     """channels_last memory format (CUDA only)"""
     epoch_val_tta: Bool = True
-    """the validation after each epoch uses model.infer_tta; false = without test-time
-    augmentation (4x cheaper with flips; best-epoch selection then ranks epochs without it). The
-    post-processing fit after training always uses model.infer_tta, as inference does"""
+    """the validation after each epoch uses model.infer_tta and infer_scales; false = without
+    test-time augmentation (4x cheaper with flips; best-epoch selection then ranks epochs without
+    it). The post-processing fit after training always uses them, as inference does"""
     cpu_amp: Bool = False
     """CPU: the forward pass under bfloat16 autocast (weights, loss and optimizer stay float32).
     About 2x faster steps on CPUs with native bfloat16 (AVX512-BF16, AMX); emulated, so slower,

@@ -151,6 +151,8 @@ def export_metadata(folder: Path, cfg: Any, fmt: str, size: int | None) -> dict[
             "overlap": window // 4,
             "blend": "sin^2 ramp per window edge (flat on image borders), see kseg.infer",
             "tta": cfg.infer_tta,
+            # multi-scale: the maps at input_scale x each factor (each with tta), averaged
+            "scales": list(cfg.infer_scales),
         },
         "postprocess": post.model_dump(),
         "stain": stain,

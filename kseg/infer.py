@@ -10,7 +10,7 @@ Memory for the network is bounded by ``batch_size`` windows, whatever the image 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,6 +220,7 @@ def predict_maps(
     dtype: torch.dtype | None = None,
     tta: str = "none",
     input_scale: float = 1.0,
+    scales: Sequence[float] = (1.0,),
 ) -> NDArray[np.float32]:
     """Predicted maps of an RGB image of any size, ``(C, H, W)`` float32.
 
@@ -243,6 +244,9 @@ def predict_maps(
         input_scale: The network's resolution relative to the image's (``model.input_scale``):
             the image is resampled by it before tiling and the maps are resampled back to
             ``(H, W)`` (:mod:`kseg.resample`); ``tile`` and ``overlap`` are in network pixels.
+        scales: Multi-scale test-time augmentation (``model.infer_scales``): the maps of the
+            image run at ``input_scale * factor`` for each factor (each with ``tta``), resampled
+            back to ``(H, W)`` and averaged. ``(1.0,)`` = one scale.
 
     Returns:
         ``(C, H, W)`` float32 blended maps: the distance map (``dist``), or the foreground
@@ -250,6 +254,26 @@ def predict_maps(
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    if tuple(scales) != (1.0,):
+        if not scales:
+            raise ValueError("scales: need one or more factors")
+        total = sum(
+            predict_maps(
+                model,
+                image,
+                preprocess,
+                tile,
+                overlap,
+                batch_size,
+                device,
+                head,
+                dtype,
+                tta,
+                input_scale * factor,
+            )
+            for factor in scales
+        )
+        return (total / len(scales)).astype(np.float32)
     if input_scale != 1.0:
         from kseg.resample import resize_image, resize_maps
 

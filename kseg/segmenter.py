@@ -135,6 +135,7 @@ class Segmenter:
             tta=self.model_config.infer_tta,
             dtype=self.dtype,
             input_scale=self.model_config.input_scale,
+            scales=self.model_config.infer_scales,
         )
 
     def distance(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:

@@ -40,7 +40,8 @@ def validate_epoch(
     ``val_loss`` is the mean squared error of the maps against the head's targets (for ``fg_dist``:
     of the probabilities against the mask and the normalised distance). If ``maps_out`` is given,
     the predicted maps are appended to it (for fitting the post-processing); ``on_tile`` is called
-    after each tile (a progress bar). ``tta`` overrides ``model.infer_tta`` (None: the model's).
+    after each tile (a progress bar). ``tta`` overrides ``model.infer_tta`` and then runs one scale
+    (None: the model's test-time augmentation, ``infer_tta`` at each of ``infer_scales``).
 
     Returns:
         ``val_loss`` and the means of :data:`SCORES` (empty dict when there is no validation tile).
@@ -69,6 +70,7 @@ def validate_epoch(
                 head=head,
                 tta=params.model.infer_tta if tta is None else tta,
                 input_scale=params.model.input_scale,
+                scales=params.model.infer_scales if tta is None else (1.0,),
             )
             losses.append(float(np.mean((pred - training_target(labels, head)) ** 2)))
             if maps_out is not None:

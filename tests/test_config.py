@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: (written out here, not read from the dataclasses that produce them).
 UNSET_DEFAULTS = {
     "model.infer_tta": "none",  # no test-time augmentation
+    "model.infer_scales": [1.0],  # one scale (multi-scale TTA off)
     "train.fg_loss_weight": 1.0,
     "train.amp_dtype": "float16",  # CUDA AMP
     "train.epoch_val_tta": True,  # per-epoch validation with model.infer_tta

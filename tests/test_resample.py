@@ -143,3 +143,61 @@ def test_resize_labels_to_returns_to_the_exact_original_grid(shape, scale):
 def test_resize_labels_to_same_shape_is_the_input():
     labels = np.array([[1, 2], [3, 4]], dtype=np.int32)
     assert resize_labels_to(labels, 2, 2) is labels
+
+
+def test_multi_scale_tta_averages_the_maps_of_each_scale_at_the_input_size() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    net = FirstChannel()
+    maps = predict_maps(net, image, IDENTITY, 48, head="dist", input_scale=0.5, scales=(1.0, 1.5))
+    assert maps.shape == (1, 96, 80) and maps.dtype == np.float32
+    # One 48-window pass on the 48 x 40 image (0.5), then 72 x 60 (0.75): 2 x 2 windows of 48.
+    assert net.calls == [(1, 3, 48, 48), (4, 3, 48, 48)]
+    # Each scale's maps are back on the input grid before the mean: the network saw the red
+    # channel at 0.5 and at 0.75, so the answer is the mean of the two round trips.
+    half = resize_maps(resize_image(image, 0.5)[None, :, :, 0].astype(np.float32), 96, 80)
+    three_q = resize_maps(resize_image(image, 0.75)[None, :, :, 0].astype(np.float32), 96, 80)
+    np.testing.assert_allclose(maps, (half + three_q) / 2, atol=1e-3)
+    # A flat image stays flat whatever the scales (no seam, no border weight left over).
+    flat = np.full((70, 90, 3), 137, np.uint8)
+    out = predict_maps(FirstChannel(), flat, IDENTITY, 32, head="dist", scales=(0.8, 1.0, 1.25))
+    np.testing.assert_allclose(out, 137.0, atol=1e-3)
+    # (1.0,) is the single-scale path itself.
+    single = predict_maps(FirstChannel(), image, IDENTITY, 48, head="dist", input_scale=0.5)
+    one = predict_maps(
+        FirstChannel(), image, IDENTITY, 48, head="dist", input_scale=0.5, scales=[1.0]
+    )
+    np.testing.assert_array_equal(one, single)
+
+
+def test_infer_scales_is_validated_with_the_factor_named() -> None:
+    from kseg.config import ConfigError, params_from_dict
+    from kseg.model import ModelConfig
+
+    assert ModelConfig().infer_scales == (1.0,)
+    cfg = params_from_dict({"model": {"input_scale": 0.5, "infer_scales": [1.0, 1.25]}}).model
+    assert cfg.infer_scales == (1.0, 1.25)
+    with pytest.raises(ConfigError, match=r"infer_scales=\[\]: need one or more distinct"):
+        params_from_dict({"model": {"infer_scales": []}})
+    with pytest.raises(ConfigError, match=r"infer_scales=\[1\.0, 1\.0\]"):
+        params_from_dict({"model": {"infer_scales": [1.0, 1.0]}})
+    with pytest.raises(ConfigError, match=r"input_scale 0\.25 x factor must lie in \[0\.125, 4\]"):
+        params_from_dict({"model": {"input_scale": 0.25, "infer_scales": [0.4, 1.0]}})
+    with pytest.raises(ConfigError, match=r"infer_scales"):
+        params_from_dict({"model": {"infer_scales": [0.1]}})
+
+
+def test_segmenter_uses_the_folders_scales(tmp_path: Path) -> None:
+    from kseg.segmenter import Segmenter
+    from tests.pipeline_helpers import make_model_folder
+
+    folder = make_model_folder(tmp_path / "m", tile_size=64)
+    single = Segmenter.from_folder(folder)
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"]["infer_scales"] = [1.0, 0.5]
+    (folder / "config.json").write_text(json.dumps(doc))
+    seg = Segmenter.from_folder(folder)
+    assert seg.model_config.infer_scales == (1.0, 0.5)
+    image = np.random.default_rng(4).integers(0, 256, (128, 96, 3), dtype=np.uint8)
+    half = resize_maps(single.maps(resize_image(image, 0.5)), 128, 96)
+    np.testing.assert_allclose(seg.maps(image), (single.maps(image) + half) / 2, atol=1e-5)

@@ -457,19 +457,20 @@ def test_epoch_validation_tta_follows_the_option_and_the_fit_uses_the_models(
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
     doc = yaml.safe_load((project / "params.yaml").read_text())
-    doc["model"]["infer_tta"] = "flips"
+    doc["model"].update(infer_tta="flips", infer_scales=[1.0, 1.25])
     doc["train"].update(epochs=2, epoch_val_tta=epoch_val_tta)
     doc["postprocess"]["fit"] = True
     (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    calls: list[tuple[str, bool]] = []  # (tta, maps kept for the post-processing fit)
+    # (tta, scales, maps kept for the post-processing fit)
+    calls: list[tuple[str, tuple[float, ...], bool]] = []
     real_validate = val_mod.validate_epoch
 
     def spy_validate(*args, **kwargs):
         real_predict = val_mod.predict_maps
-        seen: list[str] = []
+        seen: list[tuple[str, tuple[float, ...]]] = []
 
         def spy_predict(*p_args, **p_kwargs):
-            seen.append(p_kwargs["tta"])
+            seen.append((p_kwargs["tta"], tuple(p_kwargs["scales"])))
             return real_predict(*p_args, **p_kwargs)
 
         monkeypatch.setattr(val_mod, "predict_maps", spy_predict)
@@ -477,10 +478,12 @@ def test_epoch_validation_tta_follows_the_option_and_the_fit_uses_the_models(
             return real_validate(*args, **kwargs)
         finally:
             monkeypatch.setattr(val_mod, "predict_maps", real_predict)
-            calls.extend((tta, kwargs.get("maps_out") is not None) for tta in set(seen))
+            kept = kwargs.get("maps_out") is not None
+            calls.extend((tta, scales, kept) for tta, scales in set(seen))
 
     monkeypatch.setattr(train_mod, "validate_epoch", spy_validate)
     train_mod.train(load_params("params.yaml"))
     assert load_split(project / "prepared")["val"]  # there were validation tiles to see
-    per_epoch = "flips" if epoch_val_tta else "none"
-    assert calls == [(per_epoch, False), (per_epoch, False), ("flips", True)]
+    model_tta = ("flips", (1.0, 1.25))
+    per_epoch = model_tta if epoch_val_tta else ("none", (1.0,))
+    assert calls == [(*per_epoch, False), (*per_epoch, False), (*model_tta, True)]

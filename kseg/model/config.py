@@ -61,6 +61,9 @@ class ModelConfig(BaseModel):
         infer_tta: Test-time augmentation at inference (validation, evaluate, predict, serving):
             ``flips`` averages the maps of the window and its three flips (4x the network's
             work), ``dihedral`` those and the flips of the transposed window (8x).
+        infer_scales: Multi-scale test-time augmentation: factors of ``input_scale``. The image is
+            run at each ``input_scale * factor`` (with ``infer_tta`` at each), the maps are
+            resampled back to the image and averaged. ``(1.0,)`` (default) = one scale.
         input_scale: The network's resolution relative to the data's (1 = the data's own, 0.5 =
             half: a 512 tile at 0.25 µm/px reaches the network as 256 px at 0.5 µm/px). Training
             tiles are resampled once at load (images by area, instance labels nearest), and every
@@ -98,6 +101,11 @@ class ModelConfig(BaseModel):
     passes) need a size-agnostic network: unet or dice_dim_kernels shared"""
     infer_tta: Literal["none", "flips", "dihedral"] = "none"
     """test-time augmentation: none | flips (mean of 4 flipped views, 4x cost) | dihedral (8x)"""
+    infer_scales: tuple[
+        Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.25, le=4.0)], ...
+    ] = (1.0,)
+    """multi-scale test-time augmentation: factors of input_scale whose maps are averaged
+    (1.0 alone = off); the cost grows with the sum of the squared factors"""
     input_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.125, le=4.0)] = 1.0
     """resolution the network works at, relative to the data: 0.5 = half (each window covers 4x
     the tissue); inputs are resampled on the way in and the maps back (kseg.resample)"""
@@ -134,7 +142,8 @@ class ModelConfig(BaseModel):
 
         Raises:
             ValueError: If ``tile_size`` is not a multiple of 8, a rate is < 1, no rate is
-                given, or nfeat < 4 for kidney_segnet.
+                given, ``infer_scales`` is empty, repeats a factor or leaves the network's
+                resolution range, or nfeat < 4 for kidney_segnet.
         """
         if self.tile_size % 8:
             raise ValueError(
@@ -156,6 +165,15 @@ class ModelConfig(BaseModel):
                 f"model.infer_window={self.infer_window}: Kidney-SegNet with per-position DiCE "
                 f"kernels is built for {self.tile_size}x{self.tile_size} windows; use "
                 "model.dice_dim_kernels: shared or infer_window: 0"
+            )
+        if not self.infer_scales or len(set(self.infer_scales)) != len(self.infer_scales):
+            raise ValueError(
+                f"model.infer_scales={list(self.infer_scales)}: need one or more distinct factors"
+            )
+        if not all(0.125 <= self.input_scale * f <= 4.0 for f in self.infer_scales):
+            raise ValueError(
+                f"model.infer_scales={list(self.infer_scales)}: input_scale "
+                f"{self.input_scale:g} x factor must lie in [0.125, 4]"
             )
         if self.arch == "kidney_segnet" and self.nfeat < 4:
             # The DiCE gate squeezes C -> C // 4; nfeat < 4 would give a zero-width layer.
