@@ -395,7 +395,7 @@ def predict(
     for path in _progress(images, progress):
         try:
             rgb = read_image(path, limit)
-            labels = segment_at_scale(segmenter, rgb, scale, limit, path)
+            labels, _ = segment_at_scale(segmenter, rgb, scale, limit, path)
             report.written += write_outputs(out_dir, names[path], rgb, labels)
         except (ValueError, OSError, MemoryError) as err:
             if isinstance(err, MemoryError):
@@ -424,8 +424,8 @@ def segment_at_scale(
     scale: float,
     max_pixels: int = PREDICT_MAX_PIXELS,
     where: Path | str = "image",
-) -> NDArray[np.int32]:
-    """Instance labels of ``rgb`` on its own grid, segmented at the model's pixel size.
+) -> tuple[NDArray[np.int32], NDArray[np.float32]]:
+    """Instance labels and distance map of ``rgb`` on its own grid, at the model's pixel size.
 
     Args:
         segmenter: The model.
@@ -437,18 +437,24 @@ def segment_at_scale(
         max_pixels: Refuse a resampled image above this many pixels.
         where: Named in the error.
 
+    Returns:
+        ``(H, W)`` int32 instance labels and ``(H, W)`` float32 distance map (resampled back
+        bilinearly when the image was resampled).
+
     Raises:
         UnsafeInput: If the resampled image is above ``max_pixels``.
     """
-    from kseg.resample import resize_image, resize_labels_to, scaled_shape
+    from kseg.resample import resize_image, resize_labels_to, resize_maps, scaled_shape
 
     if abs(scale - 1.0) < 1e-3:
-        return segmenter.segment(rgb)[0]
+        return segmenter.segment(rgb)
     h, w = scaled_shape(rgb.shape[0], rgb.shape[1], scale)
     hint = " (raise --max-pixels if memory allows)"
     check_pixels(h, w, max_pixels, f"{where} resampled to the model's pixel size", hint)
-    labels, _ = segmenter.segment(resize_image(rgb, scale))
-    return resize_labels_to(labels, rgb.shape[0], rgb.shape[1])
+    labels, distance = segmenter.segment(resize_image(rgb, scale))
+    height, width = rgb.shape[:2]
+    back = resize_maps(distance[None].astype(np.float32), height, width)[0]
+    return resize_labels_to(labels, height, width), back
 
 
 def _progress(files: list[Path], enabled: bool) -> Iterable[Path]:

@@ -8,12 +8,16 @@ files inside the logged model.
 Request (``mlflow models serve``, ``POST /invocations``)::
 
     {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/TIFF/JPEG bytes>"]]},
-     "params": {"return_distance": false}}
+     "params": {"return_distance": false, "tta": null, "mpp": null}}
 
 Response: ``{"predictions": [{"labels": "<base64 PNG>", "labels_format": "png", "n_nuclei": 12,
 "height": 700, "width": 900}]}``. ``labels`` is a 16-bit grayscale PNG (0 = background, 1..n the
 nuclei); past 65535 nuclei it is a 32-bit TIFF (``labels_format: "tiff"``). With
 ``return_distance`` a ``distance`` column holds the float32 distance map as a base64 TIFF.
+``tta`` (``none``, ``flips``, ``dihedral``) overrides the model's test-time augmentation for the
+request, as ``kseg predict --tta`` does; ``mpp`` is the images' pixel size in µm: they are
+resampled to the model's (``config.json`` ``extra.mpp``) and the labels and distance map come back
+on the image's own grid, as ``kseg predict --mpp`` does. Null (the default) keeps the model's.
 
 The model is logged as code (MLflow's models-from-code: :data:`PYFUNC_CODE` builds the object),
 never as a cloudpickled object, so whoever can write to the registry cannot make the serving host
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import shutil
 import tempfile
@@ -197,9 +202,8 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         dtype = config.get("dtype") or os.environ.get("KSEG_DTYPE") or None
         self.max_pixels = int(config.get("max_pixels") or max_pixels_from_env(SERVING_MAX_PIXELS))
         runtime = config.get("runtime") or os.environ.get("KSEG_RUNTIME") or "auto"
-        self.segmenter = Segmenter.from_folder(
-            context.artifacts[ARTIFACT_KEY], device, batch_size, dtype, runtime
-        )
+        self.folder = Path(context.artifacts[ARTIFACT_KEY])
+        self.segmenter = Segmenter.from_folder(self.folder, device, batch_size, dtype, runtime)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -208,22 +212,30 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from kseg.predict import segment_at_scale
+
         if "image" not in model_input.columns:
             raise MlflowException(
                 f"input: expected a column 'image' (base64 image), got {list(model_input.columns)}",
                 error_code=INVALID_PARAMETER_VALUE,
             )
-        with_distance = bool((params or {}).get("return_distance", False))
+        params = params or {}
+        with_distance = bool(params.get("return_distance", False))
         rows = []
         limit = getattr(self, "max_pixels", SERVING_MAX_PIXELS)
+        try:
+            # a per-request copy: concurrent requests with other params share the weights only
+            segmenter, scale = self._request_segmenter(params.get("tta"), params.get("mpp"))
+        except ValueError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
         for i, value in enumerate(model_input["image"].tolist()):
             try:
                 rgb = decode_image(value, i, limit)
+                labels, dist = segment_at_scale(segmenter, rgb, scale, limit, f"image[{i}]")
             except ValueError as err:
                 # MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with
                 # this message, not a generic one.
                 raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
-            labels, dist = self.segmenter.segment(rgb)
             text, fmt = encode_labels(labels)
             row: dict[str, Any] = {
                 "labels": text,
@@ -237,9 +249,31 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def _request_segmenter(self, tta: Any, mpp: Any) -> tuple[Any, float]:
+        """The segmenter for one request's ``tta`` and the image-to-model resampling factor.
+
+        Raises:
+            ValueError: ``tta`` is not a known mode, or ``mpp`` is not a number > 0.
+        """
+        from kseg.infer import TTA_VIEWS
+        from kseg.slide import model_mpp
+
+        segmenter = self.segmenter
+        if tta is not None:
+            if tta not in TTA_VIEWS:
+                raise ValueError(f"params.tta={tta!r}: expected one of {', '.join(TTA_VIEWS)}")
+            update = {"infer_tta": tta}  # the thresholds stay those fitted with the model's own
+            config = segmenter.model_config.model_copy(update=update)
+            segmenter = dataclasses.replace(segmenter, model_config=config)
+        if mpp is None:
+            return segmenter, 1.0
+        if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not 0 < mpp < 1e3:
+            raise ValueError(f"params.mpp={mpp!r}: expected the images' µm per pixel, > 0")
+        return segmenter, float(mpp) / model_mpp(getattr(self, "folder", None))
+
 
 def signature() -> Any:
-    """Input: string column ``image``; params: ``return_distance``; outputs as documented."""
+    """Input: column ``image``; params ``return_distance``, ``tta``, ``mpp``; as documented."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -255,7 +289,13 @@ def signature() -> Any:
                 ColSpec("string", "distance", required=False),
             ]
         ),
-        params=ParamSchema([ParamSpec("return_distance", "boolean", False)]),
+        params=ParamSchema(
+            [
+                ParamSpec("return_distance", "boolean", False),
+                ParamSpec("tta", "string", None),  # None: the model's infer_tta
+                ParamSpec("mpp", "double", None),  # None: images at the model's pixel size
+            ]
+        ),
     )
 
 

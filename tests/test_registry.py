@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,6 +357,20 @@ def test_mlflow_models_serve_answers_the_documented_request(
         )
         with urllib.request.urlopen(request, timeout=120) as resp:
             answer = json.loads(resp.read())
+        # Request params travel over REST too (declared in the signature) and reach the model:
+        # a valid one is applied, an unknown value is a 400 that names it.
+        answers = []
+        for params in ({"tta": "flips"}, {"tta": "rot45"}):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({**body, "params": params}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=120) as resp:
+                    answers.append((resp.status, json.loads(resp.read())))
+            except urllib.error.HTTPError as err:
+                answers.append((err.code, json.loads(err.read())))
     finally:
         stop_process(proc)
         log_file.close()
@@ -365,6 +380,16 @@ def test_mlflow_models_serve_answers_the_documented_request(
     assert row["labels_format"] == "png" and (row["height"], row["width"]) == (130, 170)
     assert row["n_nuclei"] == want.max() and "distance" not in row
     np.testing.assert_array_equal(decode_labels(row["labels"]), want)
+    from kseg.segmenter import Segmenter
+
+    seg = Segmenter.from_folder(models[0])
+    seg.model_config = seg.model_config.model_copy(update={"infer_tta": "flips"})
+    with _one_thread():
+        want_flips, _ = seg.segment(rgb)
+    (status, flipped), (bad_status, bad) = answers
+    assert status == 200, flipped
+    np.testing.assert_array_equal(decode_labels(flipped["predictions"][0]["labels"]), want_flips)
+    assert bad_status == 400 and "params.tta='rot45': expected one of" in bad["message"], bad
 
 
 def test_kseg_predict_from_the_registry(registry: Path, models: list[Path], tmp_path: Path) -> None:
