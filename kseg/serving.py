@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 from kseg.safety import (
     SERVING_MAX_BYTES,
     SERVING_MAX_PIXELS,
+    UnsafeInput,
     check_pixels,
     image_size,
     max_pixels_from_env,
@@ -231,10 +232,13 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         for i, value in enumerate(model_input["image"].tolist()):
             try:
                 rgb = decode_image(value, i, limit)
-                labels, dist = segment_at_scale(segmenter, rgb, scale, limit, f"image[{i}]")
             except ValueError as err:
                 # MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with
                 # this message, not a generic one.
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+            try:
+                labels, dist = segment_at_scale(segmenter, rgb, scale, limit, f"image[{i}]")
+            except UnsafeInput as err:  # resampled by mpp beyond the pixel limit
                 raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
             text, fmt = encode_labels(labels)
             row: dict[str, Any] = {

@@ -113,3 +113,19 @@ def test_signature_declares_the_params_with_the_models_defaults() -> None:
         "tta": ("string", None),
         "mpp": ("double", None),
     }
+
+
+def test_mpp_that_enlarges_an_image_past_the_pixel_limit_is_refused(folder: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from kseg.serving import ARTIFACT_KEY, KsegPyfunc
+
+    model = KsegPyfunc()
+    context = types.SimpleNamespace(
+        artifacts={ARTIFACT_KEY: str(folder)}, model_config={"max_pixels": 10_000}
+    )
+    model.load_context(context)
+    rgb = _image(2, 90, 70)  # 6,300 pixels: accepted as it is
+    assert _ask(model, rgb)[0].shape == (90, 70)
+    with pytest.raises(MlflowException, match=r"image\[0\] resampled to the model's pixel size"):
+        _ask(model, rgb, mpp=1.0)  # 1 µm/px for a 0.5 µm/px model: 180 x 140 = 25,200 pixels
