@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import shutil
 import tempfile
@@ -204,6 +205,7 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
         self.max_pixels = int(config.get("max_pixels") or max_pixels_from_env(SERVING_MAX_PIXELS))
         runtime = config.get("runtime") or os.environ.get("KSEG_RUNTIME") or "auto"
         self.folder = Path(context.artifacts[ARTIFACT_KEY])
+        self.__dict__.pop("_model_mpp", None)  # a reload may bring another folder
         self.segmenter = Segmenter.from_folder(self.folder, device, batch_size, dtype, runtime)
 
     def predict(
@@ -260,7 +262,6 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
             ValueError: ``tta`` is not a known mode, or ``mpp`` is not a number > 0.
         """
         from kseg.infer import TTA_VIEWS
-        from kseg.slide import model_mpp
 
         segmenter = self.segmenter
         if tta is not None:
@@ -273,7 +274,14 @@ class KsegPyfunc(mlflow.pyfunc.PythonModel):
             return segmenter, 1.0
         if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not 0 < mpp < 1e3:
             raise ValueError(f"params.mpp={mpp!r}: expected the images' µm per pixel, > 0")
-        return segmenter, float(mpp) / model_mpp(getattr(self, "folder", None))
+        return segmenter, float(mpp) / self._model_mpp
+
+    @functools.cached_property
+    def _model_mpp(self) -> float:
+        """The model folder's pixel size (``config.json`` ``extra.mpp``), read once."""
+        from kseg.slide import model_mpp
+
+        return model_mpp(getattr(self, "folder", None))
 
 
 def signature() -> Any:
