@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
-        [--tta flips|dihedral] [--scales 1.0 1.25] [--window 256] [--refit] [--json out.json]
+        [--tta flips|dihedral] [--scales 1.0 1.25] [--window 256] [--refit] [--ensemble]
+        [--json out.json]
 
 For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
 tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
@@ -11,6 +12,11 @@ pixel F1 and pixel IoU per split, with the network + post-processing seconds per
 evaluate/predict/serving use it; else params.json), ``params`` (the configured values), or
 ``original`` (h 7 / threshold 28, no size filter; dist-head models only). Validation tiles chose
 the checkpoint and the fitted thresholds, so only the test columns are an unbiased estimate.
+
+``--ensemble`` scores the model folders as one ensemble instead of one row each: every member
+predicts its maps (foreground probability and distance, with its own stain normalization, input
+normalization and TTA), the maps are averaged, and the first member's post-processing (or, with
+``--refit``, values fitted on the validation tiles to the averaged maps) makes the instances.
 """
 
 from __future__ import annotations
@@ -40,6 +46,33 @@ def score_split(segmenter, tiles) -> tuple[dict[str, float], float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}, seconds
 
 
+class EnsembleSegmenter:
+    """Several segmenters as one: the mean of their ``(C, H, W)`` maps, then post-processing.
+
+    Args:
+        members: Segmenters of networks with the same head (same map channels).
+    """
+
+    def __init__(self, members: list) -> None:
+        heads = {m.model_config.head for m in members}
+        if len(heads) != 1:
+            raise ValueError(f"--ensemble: members have different heads {sorted(heads)}")
+        self.members = members
+        self.model_config = members[0].model_config
+        self.postprocess = members[0].postprocess
+
+    def maps(self, image: np.ndarray) -> np.ndarray:
+        """Mean ``(C, H, W)`` maps of the members (probabilities for ``fg_dist``)."""
+        return np.mean([m.maps(image) for m in self.members], axis=0)
+
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instance labels of the mean maps, and the mean distance map."""
+        from kseg.postprocess import postprocess_maps
+
+        maps = self.maps(image)
+        return postprocess_maps(maps, self.postprocess), maps[-1]
+
+
 def main() -> None:
     from kseg.infer import TTA_VIEWS
 
@@ -57,6 +90,9 @@ def main() -> None:
     parser.add_argument(
         "--refit", action="store_true", help="fit the post-processing on the validation tiles again"
     )
+    parser.add_argument(
+        "--ensemble", action="store_true", help="score the model folders as one ensemble"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -70,21 +106,29 @@ def main() -> None:
     out = []
     header = f"{'model':<28} {'split':<5} " + " ".join(f"{k:>9}" for k in KEYS) + "  s/tile"
     print(header)
-    for folder in args.models:
+    groups = [args.models] if args.ensemble else [[folder] for folder in args.models]
+    for group in groups:
+        folder = group[0]
         seg = Segmenter.from_folder(folder)
+        if len(group) > 1:
+            seg = EnsembleSegmenter([seg] + [Segmenter.from_folder(f) for f in group[1:]])
         if args.post == "params":
             raw = json.loads((folder / "params.json").read_text())
             seg.postprocess = params_from_dict(raw).postprocess
         elif args.post == "original":
             seg.postprocess = PostprocessConfig(min_size=0)
-        if args.tta:
-            seg.model_config = seg.model_config.model_copy(update={"infer_tta": args.tta})
-        if args.scales:
-            seg.model_config = seg.model_config.model_validate(
-                {**seg.model_config.model_dump(), "infer_scales": tuple(args.scales)}
-            )
-        if args.window is not None:
-            seg.model_config = seg.model_config.model_copy(update={"infer_window": args.window})
+        for member in getattr(seg, "members", [seg]):
+            if args.tta:
+                member.model_config = member.model_config.model_copy(update={"infer_tta": args.tta})
+            if args.scales:
+                member.model_config = member.model_config.model_validate(
+                    {**member.model_config.model_dump(), "infer_scales": tuple(args.scales)}
+                )
+            if args.window is not None:
+                member.model_config = member.model_config.model_copy(
+                    update={"infer_window": args.window}
+                )
+        seg.model_config = getattr(seg, "members", [seg])[0].model_config
         if args.refit:  # on the validation tiles only, as the train stage does
             from kseg.postprocess_fit import fit_postprocess
 
@@ -97,7 +141,7 @@ def main() -> None:
             scores, seconds = score_split(seg, t)
             out.append(
                 {
-                    "model": str(folder),
+                    "model": " + ".join(str(f) for f in group),
                     "split": name,
                     "post": args.post,
                     "tta": seg.model_config.infer_tta,
