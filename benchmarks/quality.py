@@ -109,15 +109,8 @@ def main() -> None:
     groups = [args.models] if args.ensemble else [[folder] for folder in args.models]
     for group in groups:
         folder = group[0]
-        seg = Segmenter.from_folder(folder)
-        if len(group) > 1:
-            seg = EnsembleSegmenter([seg] + [Segmenter.from_folder(f) for f in group[1:]])
-        if args.post == "params":
-            raw = json.loads((folder / "params.json").read_text())
-            seg.postprocess = params_from_dict(raw).postprocess
-        elif args.post == "original":
-            seg.postprocess = PostprocessConfig(min_size=0)
-        for member in getattr(seg, "members", [seg]):
+        members = [Segmenter.from_folder(f) for f in group]
+        for member in members:  # the overrides apply to every member's network and TTA
             if args.tta:
                 member.model_config = member.model_config.model_copy(update={"infer_tta": args.tta})
             if args.scales:
@@ -128,7 +121,12 @@ def main() -> None:
                 member.model_config = member.model_config.model_copy(
                     update={"infer_window": args.window}
                 )
-        seg.model_config = getattr(seg, "members", [seg])[0].model_config
+        seg = EnsembleSegmenter(members) if len(members) > 1 else members[0]
+        if args.post == "params":
+            raw = json.loads((folder / "params.json").read_text())
+            seg.postprocess = params_from_dict(raw).postprocess
+        elif args.post == "original":
+            seg.postprocess = PostprocessConfig(min_size=0)
         if args.refit:  # on the validation tiles only, as the train stage does
             from kseg.postprocess_fit import fit_postprocess
 
