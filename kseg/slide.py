@@ -54,7 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kseg.fsutil import atomic_path, atomic_write_text
-from kseg.geojson import mask_polygons, ring_mask, signed_area
+from kseg.geojson import mask_polygons, rings_mask, signed_area
 
 if TYPE_CHECKING:
     from kseg.segmenter import Segmenter
@@ -871,12 +871,9 @@ def _raster(polys: list, box: Sequence[int]) -> NDArray[np.bool_]:
     mask that :func:`kseg.geojson.mask_polygons` traced, exactly.
     """
     x0, y0, x1, y1 = box
-    shape = (y1 - y0, x1 - x0)
-    mask = np.zeros(shape, bool)
-    for poly in polys:
-        for ring in poly:
-            mask ^= ring_mask(np.asarray(ring, np.float64) - np.array([x0, y0]), shape)
-    return mask
+    origin = np.array([x0, y0], np.float64)
+    rings = [np.asarray(ring, np.float64) - origin for poly in polys for ring in poly]
+    return rings_mask(rings, (y1 - y0, x1 - x0))
 
 
 def _subtract(polys: list, winner: list) -> Any:

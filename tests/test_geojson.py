@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
-from kseg.geojson import mask_polygons, ring_mask
+from kseg.geojson import mask_polygons, ring_mask, rings_mask
 from kseg.predict import geojson_features, predict
 
 
@@ -77,6 +77,13 @@ def test_awkward_shapes_give_valid_exact_polygons() -> None:
         "coordinates": [[[8, 18], [20, 18], [20, 23], [8, 23], [8, 18]]],
     }
     assert len(mask_polygons(img == 5)) == 8  # 8 checkerboard squares touching at corners
+    # nested: square ring > island with a hole > island; each hole belongs to its own part
+    nest = np.zeros((13, 13), bool)
+    for k, value in enumerate((True, False, True, False, True)):
+        nest[1 + k : 12 - k, 1 + k : 12 - k] = value
+    polys = mask_polygons(nest)
+    assert [len(poly) for poly in polys] == [2, 2, 1]  # outer + hole, middle + hole, centre
+    assert [min(poly[1]) for poly in polys[:2]] == [(2, 2), (4, 4)]  # each hole in its own shell
 
 
 def test_predicted_tnbc_tile_gives_valid_exact_detections(tnbc_dir: Path, tmp_path: Path) -> None:
@@ -137,3 +144,22 @@ def test_ring_mask_gives_back_the_traced_pixels_where_fillpoly_grows_them() -> N
     # float rings and rings reaching outside the image are clipped, not wrapped
     shifted = ring_mask(np.asarray(ring, float) - 2.0, block.shape)  # rows -1..0, cols 0..2
     assert shifted.sum() == 3 and shifted[0, :3].all()
+
+
+def test_rings_mask_equals_skimage_polygon_and_is_the_xor_of_its_rings() -> None:
+    """The scanline fill against skimage's point-in-polygon fill, on random float polygons."""
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        rings = [rng.uniform(-6, 45, (int(rng.integers(3, 10)), 2)) for _ in range(3)]
+        expected = np.zeros(shape, bool)
+        for ring in rings:  # pixel centres (c + 0.5, r + 0.5), the polygon not closed
+            one = np.zeros(shape, bool)
+            rr, cc = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=shape)
+            one[rr, cc] = True
+            np.testing.assert_array_equal(ring_mask(ring, shape), one)
+            expected ^= one
+        np.testing.assert_array_equal(rings_mask(rings, shape), expected)
+    assert not rings_mask([], (3, 4)).any() and rings_mask([], (3, 4)).shape == (3, 4)
