@@ -166,7 +166,10 @@ def mask_polygons(mask: NDArray[np.bool_]) -> list[list[Ring]]:
         parts, _ = ndi.label(mask)
         owner = {int(parts[p]): shell for p, shell in zip(shell_pixels, shells, strict=True)}
         for hole, pixel in zip(holes, hole_pixels, strict=True):
-            owner[int(parts[pixel])].append(hole)
+            shell = owner.get(int(parts[pixel]))
+            if shell is None:  # cannot happen for a real mask; keep the area right regardless
+                raise AssertionError(f"hole {hole[:3]}... borders no traced part")
+            shell.append(hole)
     shells.sort(key=lambda poly: (min(p[1] for p in poly[0]), min(p[0] for p in poly[0])))
     return shells
 
