@@ -17,6 +17,10 @@ retained heap), for the U-Net, Kidney-SegNet at the default width and at the pap
 glibc's heap, as ``kseg train`` does: ``kseg.model.cap_cpu_heap``); then the CPU speed options
 ``train.cpu_amp`` (bfloat16 autocast forward) and ``train.cpu_channels_last``, which pay off on
 CPUs with native bfloat16 (AVX512-BF16, AMX) only.
+
+``--presets`` prints only each shipped preset's estimated training minutes on this CPU: its own
+network and batch, epochs x steps x the median step, times 1.18 for data and validation (the
+presets' epoch counts were sized on one machine; on another the minutes differ).
 """
 
 from __future__ import annotations
