@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,8 @@ from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from timing import best_of  # noqa: E402
 
 
 def skimage_rings(rings: list, shape: tuple[int, int]) -> np.ndarray:
@@ -108,15 +108,6 @@ def ragged_regions(n: int) -> list[np.ndarray]:
     return out
 
 
-def best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     from kseg.geojson import mask_polygons, rings_mask
 
@@ -141,13 +132,13 @@ def main() -> None:
             assert (rings_mask(r, m.shape) == m).all() and (skimage_rings(r, m.shape) == m).all()
         pairs = list(zip(rings, masks, strict=True))
         times = (
-            best(lambda: [skimage_rings(r, m.shape) for r, m in pairs], repeat),  # noqa: B023
-            best(lambda: [rings_mask(r, m.shape) for r, m in pairs], repeat),  # noqa: B023
+            best_of(lambda: [skimage_rings(r, m.shape) for r, m in pairs], repeat)[0],  # noqa: B023
+            best_of(lambda: [rings_mask(r, m.shape) for r, m in pairs], repeat)[0],  # noqa: B023
         )
         row(f"rasterize | {name} ({len(masks)}) | {n_rings}", *times)
         times = (
-            best(lambda: [probe_polygons(m) for m in masks], repeat),  # noqa: B023
-            best(lambda: [mask_polygons(m) for m in masks], repeat),  # noqa: B023
+            best_of(lambda: [probe_polygons(m) for m in masks], repeat)[0],  # noqa: B023
+            best_of(lambda: [mask_polygons(m) for m in masks], repeat)[0],  # noqa: B023
         )
         row(f"trace | {name} ({len(masks)}) | {n_rings}", *times)
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.bench_helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cv_module():
-    spec = importlib.util.spec_from_file_location("cv_bench", ROOT / "benchmarks" / "cv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cv")
 
 
 def _run(fold: int, aji: float) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,15 +10,11 @@ import pytest
 from kseg.postprocess import postprocess_maps
 from kseg.predict import pretrained_model
 from kseg.segmenter import Segmenter
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_helpers import load_benchmark
 
 
 def _quality_module():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def _image() -> np.ndarray:
