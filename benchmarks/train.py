@@ -123,10 +123,20 @@ def recipe_child(spec: str) -> None:
     print(json.dumps({"seconds": float(np.median(times)), "peak_gb": peak_gb}))
 
 
+def run_child(spec: str) -> dict:
+    """Runs :func:`recipe_child` in a fresh process; its JSON line (s/step, peak memory)."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def recipe_table(steps: int) -> None:
     """Prints tiles/s and peak memory of each architecture, one fresh process per row."""
     import json
-    import subprocess
 
     print("\nRecipe training (fg_dist head, AdamW, batch 4, 256 crops), one process per row\n")
     print(
@@ -147,10 +157,7 @@ def recipe_table(steps: int) -> None:
                 "channels_last": channels_last,
             }
         )
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
-        )
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = run_child(spec)
         rate = 4 / row["seconds"]
         base = base or rate
         print(
@@ -171,7 +178,6 @@ def preset_table(steps: int) -> None:
     """
     import json
     import math
-    import subprocess
 
     import yaml
 
@@ -194,10 +200,7 @@ def preset_table(steps: int) -> None:
                 "batch": train["batch_size"],
             }
         )
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
-        )
-        seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        seconds = run_child(spec)["seconds"]
         minutes = train["epochs"] * per_epoch * seconds / 60
         net = f"{model['arch']} nfeat {model['nfeat']}"
         print(
