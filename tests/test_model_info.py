@@ -93,7 +93,8 @@ def test_model_info_command_names_the_input_tile_of_the_shipped_preset():
     from kseg.cli import app
 
     preset = Path(__file__).resolve().parents[1] / "kseg" / "presets" / "tnbc-unet.yaml"
-    res = CliRunner().invoke(app, ["model-info", "--params", str(preset)])
+    # The preset's inference window: a whole 512 tile (205 px at input_scale 0.4, padded to 208).
+    res = CliRunner().invoke(app, ["model-info", "--params", str(preset), "--tile-size", "208"])
     assert res.exit_code == 0, res.output
-    assert "tile 256 = 512 input px (input_scale 0.5)" in res.output
-    assert "9.221" in res.output  # GMACs of the network on its 256 x 256 input (README column)
+    assert "tile 208 = 520 input px (input_scale 0.4)" in res.output
+    assert "6.087" in res.output  # GMACs of the network per 512 tile (README column)

@@ -39,12 +39,12 @@ def test_shipped_model_folder_is_complete_and_documented() -> None:
     for words in ("CC BY 4.0", "Naylor", "µm", "kseg/presets/tnbc-unet.yaml", "TNBC"):
         assert words in card, words
     assert resolve_model("pretrained") == folder == resolve_model("pretrained:tnbc_unet")
-    # The card's resolution claims match the folder: 0.25 µm/px input, network at half of it.
+    # The card's resolution claims match the folder: 0.25 µm/px input, network at 0.4 of it.
     config = json.loads((folder / "config.json").read_text())
     params = json.loads((folder / "params.json").read_text())
     assert config["extra"]["mpp"] == 0.25
-    assert config["model"]["input_scale"] == params["model"]["input_scale"] == 0.5
-    assert _card()["input_scale"] == 0.5 and "0.5 µm/px" in card
+    assert config["model"]["input_scale"] == params["model"]["input_scale"] == 0.4
+    assert _card()["input_scale"] == 0.4 and "0.625 µm/px" in card
     with pytest.raises(ValueError, match="no such shipped model"):
         resolve_model("pretrained:nope")
     # The README states the shipped model's test AJI (the number this test holds predict to).
@@ -78,7 +78,7 @@ def test_predict_mpp_segments_20x_tiles_at_the_models_pixel_size(
     """A TNBC tile shrunk to 0.5 µm/px (20x) and given as such scores like the 40x original.
 
     Without ``--mpp`` the model takes the 20x tile for a 40x one: nuclei half the size it learned
-    (measured: AJI 0.22-0.40 against 0.55-0.69 at 40x on these tiles); with ``--mpp 0.5`` the tile
+    (measured: AJI 0.25-0.43 against 0.60-0.69 at 40x on these tiles); with ``--mpp 0.5`` the tile
     is enlarged to 0.25 µm/px, segmented, and the labels come back on the tile's own 256 grid.
     """
     from kseg.predict import segment_at_scale
