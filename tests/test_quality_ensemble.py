@@ -13,7 +13,9 @@ from kseg.segmenter import Segmenter
 from tests.bench_helpers import load_benchmark
 
 
-def _quality_module():
+@pytest.fixture(scope="module")
+def quality():
+    """benchmarks/quality.py, loaded once for the module."""
     return load_benchmark("quality")
 
 
@@ -27,8 +29,7 @@ def _image() -> np.ndarray:
     return image
 
 
-def test_ensemble_maps_are_the_members_mean_and_its_labels_come_from_them() -> None:
-    quality = _quality_module()
+def test_ensemble_maps_are_the_members_mean_and_its_labels_come_from_them(quality) -> None:
     plain = Segmenter.from_folder(pretrained_model())
     plain.model_config = plain.model_config.model_copy(update={"infer_tta": "none"})
     flips = Segmenter.from_folder(pretrained_model())  # the shipped model's own flips TTA
@@ -46,8 +47,7 @@ def test_ensemble_maps_are_the_members_mean_and_its_labels_come_from_them() -> N
     assert ensemble.postprocess == plain.postprocess  # the first member's, unless refitted
 
 
-def test_ensemble_refuses_members_with_different_heads() -> None:
-    quality = _quality_module()
+def test_ensemble_refuses_members_with_different_heads(quality) -> None:
     members = [
         SimpleNamespace(model_config=SimpleNamespace(head=h), postprocess=None)
         for h in ("fg_dist", "dist")
