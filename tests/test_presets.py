@@ -21,8 +21,12 @@ from kseg.model import build_model
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "kseg" / "presets").glob("*.yaml"))
 
 
-def test_both_recipes_are_shipped() -> None:
-    assert [p.name for p in PRESETS] == ["tnbc-kidney-segnet.yaml", "tnbc-unet.yaml"]
+def test_the_documented_recipes_are_shipped() -> None:
+    assert [p.name for p in PRESETS] == [
+        "tnbc-kidney-segnet-paper-width.yaml",
+        "tnbc-kidney-segnet.yaml",
+        "tnbc-unet.yaml",
+    ]
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
