@@ -17,8 +17,9 @@ import torch
 from kseg.config import load_params
 from kseg.infer import Preprocess, predict_maps
 from kseg.model import build_model
+from tests.bench_helpers import ROOT
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "kseg" / "presets").glob("*.yaml"))
+PRESETS = sorted((ROOT / "kseg" / "presets").glob("*.yaml"))
 
 
 def test_the_documented_recipes_are_shipped() -> None:

@@ -50,7 +50,7 @@ def big(pairs: list, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = root / "out"
     script = textwrap.dedent(
         f"""
-        import json, resource, sys
+        import json, sys
         import tiffslide
         from kseg.cli import app
         import kseg.slide as S
@@ -61,24 +61,13 @@ def big(pairs: list, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             largest[0] = max(largest[0], int(size[0]) * int(size[1]))
             return read(self, location, level, size, **kw)
         tiffslide.TiffSlide.read_region = spy
-
-        def peak_mb():
-            # VmHWM: this process image's own peak. ru_maxrss would also count the pytest
-            # process's resident memory at the fork (Linux keeps it across exec).
-            try:
-                with open("/proc/self/status") as fh:
-                    line = next(l for l in fh if l.startswith("VmHWM:"))
-                return int(line.split()[1]) / 1024
-            except (OSError, StopIteration):
-                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-        base = peak_mb()
+        base = S.peak_rss_mb()  # this child's own peak, not the pytest process's
         try:
             app(["predict", {str(slide)!r}, "--model", {str(model_dir)!r}, "--out", {str(out)!r},
                  "--mpp", "{BIG_MPP}", "--block", "{BLOCK}", "--margin", "{MARGIN}"])
         except SystemExit as err:
             code = err.code
-        peak = peak_mb()
+        peak = S.peak_rss_mb()
         print(json.dumps({{"code": code, "base_mb": base, "peak_mb": peak,
                           "largest_read_px": largest[0]}}))
         """
