@@ -130,12 +130,66 @@ def test_determinism_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory  # NaN fill off (speed)
         train_mod.configure_determinism(torch.device("cuda"), False)
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
         assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, det
         train_mod.configure_determinism(torch.device("cpu"), True)
+
+
+@pytest.mark.parametrize(
+    "model_keys",
+    [
+        {"arch": "kidney_segnet", "nfeat": 8, "mid_channels": 32, "tile_size": 32},
+        {
+            "arch": "kidney_segnet",
+            "nfeat": 8,
+            "mid_channels": 32,
+            "tile_size": 32,
+            "dice_dim_kernels": "per_position",
+            "head": "dist",
+        },
+        {"arch": "unet", "nfeat": 8, "tile_size": 32},
+    ],
+)
+def test_training_step_reads_no_uninitialized_memory(model_keys: dict) -> None:
+    """Why ``configure_determinism`` may turn torch's NaN fill of new tensors off.
+
+    With the fill, a kernel that read memory it never wrote would see NaN; without it, whatever
+    the allocator left there. A forward + backward step of each network gives the same loss and
+    gradients bit for bit both ways, after a step that leaves non-NaN garbage in the freed memory.
+    """
+    from kseg.config import params_from_dict
+    from kseg.model import build_model
+
+    params = params_from_dict({"model": model_keys})
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    channels = 2 if params.model.head == "fg_dist" else 1
+    y = torch.rand(2, channels, 32, 32, generator=gen)
+    torch.manual_seed(0)
+    model = build_model(params.model)
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = train_mod.loss_fn("mse", 1.0, model(x), y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    saved = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        filled = grads()
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        (torch.full((2, 64, 32, 32), 7.0) * 3).sum()  # freed blocks now hold non-NaN values
+        unfilled = grads()
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = saved
+    assert all(torch.isfinite(g).all() for g in filled)
+    assert all(torch.equal(a, b) for a, b in zip(filled, unfilled, strict=True))
 
 
 @pytest.mark.parametrize(
