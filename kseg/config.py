@@ -276,6 +276,9 @@ class TrainConfig(Section):
     """AMP precision: float16 (with a GradScaler) or bfloat16 (no scaler)"""
     channels_last: Bool = True
     """channels_last memory format (CUDA only)"""
+    val_every: Int = Field(1, ge=1, le=100_000)
+    """validate after every N-th epoch and after the last one (1 = every epoch). Training is the
+    same either way; checkpoint best and early stopping then see the validated epochs only"""
     epoch_val_tta: Bool = True
     """the validation after each epoch uses model.infer_tta and infer_scales; false = without
     test-time augmentation (4x cheaper with flips; best-epoch selection then ranks epochs without

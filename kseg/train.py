@@ -725,31 +725,36 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             )
             sched.step()
             stop = stop_flag(device)  # NCCL broadcasts device tensors only
+            validated = validates_after(epoch, cfg.val_every, cfg.epochs)
             if rank == 0:
-                if progress is not None:
-                    progress.reset(val_task, total=len(val_tiles), epoch=epoch + 1, visible=True)
-                row.update(
-                    validate_epoch(
-                        params,
-                        evaluated,
-                        val_tiles,
-                        preprocess,
-                        device,
-                        tracker,
-                        epoch,
-                        on_tile=on_val_tile,
-                        tta=None if cfg.epoch_val_tta else "none",
+                if validated:
+                    if progress is not None:
+                        progress.reset(
+                            val_task, total=len(val_tiles), epoch=epoch + 1, visible=True
+                        )
+                    row.update(
+                        validate_epoch(
+                            params,
+                            evaluated,
+                            val_tiles,
+                            preprocess,
+                            device,
+                            tracker,
+                            epoch,
+                            on_tile=on_val_tile,
+                            tta=None if cfg.epoch_val_tta else "none",
+                        )
                     )
-                )
-                if progress is not None:
-                    progress.update(val_task, visible=False)
+                    if progress is not None:
+                        progress.update(val_task, visible=False)
                 row["lr"] = opt.param_groups[0]["lr"]
-                score = _score(params, row)
-                if score > state.best_score or cfg.checkpoint == "last":
-                    state.best_score, state.best_epoch = score, epoch + 1
-                    best_state = {
-                        k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()
-                    }
+                if validated:
+                    score = _score(params, row)
+                    if score > state.best_score or cfg.checkpoint == "last":
+                        state.best_score, state.best_epoch = score, epoch + 1
+                        best_state = {
+                            k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()
+                        }
                 state.epoch = epoch + 1
                 state.history.append({"epoch": epoch + 1, **row})
                 # Checkpoint first: a tracking server dying here must not cost the epoch.
@@ -759,7 +764,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                 tracker.log_metrics(row, step=epoch + 1)
                 _log_epoch(state, row, cfg.epochs)
                 patience = cfg.early_stopping_patience
-                if patience and state.epoch - state.best_epoch >= patience:
+                if validated and patience and state.epoch - state.best_epoch >= patience:
                     log.info("early stop: no improvement for %d epochs", patience)
                     stop[0] = 1
             if world > 1:
@@ -819,6 +824,11 @@ def _fit_postprocess(
     return post, report
 
 
+def validates_after(epoch: int, val_every: int, epochs: int) -> bool:
+    """Whether validation runs after ``epoch`` (0-based): every ``val_every``-th and the last."""
+    return (epoch + 1) % val_every == 0 or epoch + 1 == epochs
+
+
 def _score(params: Params, row: dict[str, float]) -> float:
     metric = params.train.select_metric
     if metric == "val_loss" or metric not in row:
@@ -856,8 +866,13 @@ def writes_pipeline_metrics(out_dir: str) -> bool:
     return target == "models/kseg"
 
 
+def _history_keys(history: list[dict[str, float]]) -> list[str]:
+    """Every key of the history's rows in first-seen order (unvalidated epochs lack the scores)."""
+    return list(dict.fromkeys(k for row in history for k in row))
+
+
 def _curve_csv(history: list[dict[str, float]]) -> str:
-    keys = [k for k in (history[0] if history else {"epoch": 0}) if k not in TIMING_KEYS]
+    keys = [k for k in (_history_keys(history) or ["epoch"]) if k not in TIMING_KEYS]
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in history]
     return "\n".join(lines) + "\n"
 
@@ -959,8 +974,11 @@ def _log_selected_epoch(
 def _log_run_artifacts(tracker: Tracker, params: Params, state: TrainState) -> None:
     from kseg.plots import line_chart
 
-    keys = [k for k in ("train_loss", "val_loss", "aji", "pq", "pixel_f1") if k in state.history[0]]
-    chart = line_chart({k: [r[k] for r in state.history] for k in keys}, title="learning curve")
+    present = _history_keys(state.history)
+    keys = [k for k in ("train_loss", "val_loss", "aji", "pq", "pixel_f1") if k in present]
+    # An epoch without validation is NaN: a gap in the chart.
+    series = {k: [r.get(k, float("nan")) for r in state.history] for k in keys}
+    chart = line_chart(series, title="learning curve")
     tracker.log_image(chart, "plots/learning_curve.png")
     out = Path(params.train.out_dir)
     names = ("config.json", "params.json", "preprocess.json", "train_summary.json")

@@ -29,6 +29,7 @@ UNSET_DEFAULTS = {
     "train.fg_loss_weight": 1.0,
     "train.amp_dtype": "float16",  # CUDA AMP
     "train.epoch_val_tta": True,  # per-epoch validation with model.infer_tta
+    "train.val_every": 1,  # validation after every epoch
     "train.cpu_amp": False,  # CPU training in float32
     "train.cpu_channels_last": False,
     "train.threads": 0,  # torch's default

@@ -189,6 +189,55 @@ def test_checkpoint_option_keeps_the_best_or_the_last_epoch(
     assert (project / "models" / "kseg" / "postprocess.json").is_file()
 
 
+def test_validates_after_every_nth_and_the_last_epoch() -> None:
+    from kseg.train import validates_after
+
+    assert [e + 1 for e in range(10) if validates_after(e, 4, 10)] == [4, 8, 10]
+    assert [e + 1 for e in range(3) if validates_after(e, 1, 3)] == [1, 2, 3]
+    assert [e + 1 for e in range(3) if validates_after(e, 5, 3)] == [3]
+
+
+def test_val_every_skips_validations_and_trains_the_same_weights(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    import kseg.train as train_mod
+    from kseg.config import load_params
+
+    folders, validated = {}, {}
+    real_validate = train_mod.validate_epoch
+    for every in (1, 2):
+        project = copy_project(prepared, tmp_path / f"every{every}")
+        monkeypatch.chdir(project)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+        doc = yaml.safe_load((project / "params.yaml").read_text())
+        doc["train"].update(epochs=3, val_every=every, checkpoint="last")
+        (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        epochs: list[int] = []
+
+        def spy(*args, _seen=epochs, **kwargs):
+            if kwargs.get("maps_out") is None:  # the per-epoch validation, not the final fit
+                _seen.append(
+                    args[6] + 1
+                )  # (params, model, tiles, preprocess, device, tracker, epoch)
+            return real_validate(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "validate_epoch", spy)
+        summary = train_mod.train(load_params("params.yaml"))
+        assert summary["best_epoch"] == 3
+        folders[every], validated[every] = project, epochs
+    assert validated == {1: [1, 2, 3], 2: [2, 3]}
+    _assert_same_weights(_weights(folders[1]), _weights(folders[2]))  # training is unchanged
+    # The curve keeps a row per epoch; an epoch without validation has empty score cells.
+    rows = (folders[2] / "models" / "kseg" / "train_curve.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 4 and "aji" in header and "train_loss" in header
+    cells = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    assert [c["aji"] != "" for c in cells] == [False, True, True]
+    assert all(c["train_loss"] != "" for c in cells)
+
+
 def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
     overrides = ["--params", "params.yaml"]
     straight = copy_project(prepared, tmp_path / "straight")
