@@ -96,7 +96,7 @@ def recipe_child(spec: str) -> None:
     else:
         tune_cpu_allocator()
     # As kseg train does with its default train.deterministic: true (the mode's NaN fill of new
-    # tensors, ~15 % of a step, is off there, so it is here).
+    # tensors, ~10 % of a Kidney-SegNet step, is off there, so it is here).
     configure_determinism(torch.device("cpu"), True)
     model_kw = {"tile_size": 256, "head": "fg_dist", "dice_dim_kernels": "shared", **raw["model"]}
     cfg = params_from_dict({"model": model_kw}).model

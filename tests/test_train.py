@@ -217,10 +217,9 @@ def test_val_every_skips_validations_and_trains_the_same_weights(
         epochs: list[int] = []
 
         def spy(*args, _seen=epochs, **kwargs):
+            # args: params, model, tiles, preprocess, device, tracker, epoch (0-based)
             if kwargs.get("maps_out") is None:  # the per-epoch validation, not the final fit
-                _seen.append(
-                    args[6] + 1
-                )  # (params, model, tiles, preprocess, device, tracker, epoch)
+                _seen.append(args[6] + 1)
             return real_validate(*args, **kwargs)
 
         monkeypatch.setattr(train_mod, "validate_epoch", spy)
