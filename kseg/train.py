@@ -747,14 +747,13 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                     )
                     if progress is not None:
                         progress.update(val_task, visible=False)
-                row["lr"] = opt.param_groups[0]["lr"]
-                if validated:
                     score = _score(params, row)
                     if score > state.best_score or cfg.checkpoint == "last":
                         state.best_score, state.best_epoch = score, epoch + 1
                         best_state = {
                             k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()
                         }
+                row["lr"] = opt.param_groups[0]["lr"]
                 state.epoch = epoch + 1
                 state.history.append({"epoch": epoch + 1, **row})
                 # Checkpoint first: a tracking server dying here must not cost the epoch.
