@@ -266,6 +266,14 @@ class TrainConfig(Section):
     ema_decay: Float = Field(0.0, ge=0.0, le=0.9999)
     """exponential moving average of the weights after every step (BatchNorm statistics copied);
     validation, selection and the saved model use the average; 0 = off (the original's)"""
+    swa_epochs: Int = Field(0, ge=0, le=100_000)
+    """stochastic weight averaging (Izmailov et al. 2018, torch.optim.swa_utils): the last N
+    epochs run at the constant learning rate ``swa_lr``, the model is the equal average of the
+    weights after each of their steps, and its BatchNorm statistics are recomputed on one epoch
+    of training crops before the final validation. The scheduler runs over the epochs before
+    them (cosine down to ``swa_lr``). Needs ``checkpoint: last``; 0 = off (the original's)"""
+    swa_lr: Float = Field(5e-4, gt=0.0, le=10.0)
+    """learning rate of the averaged epochs"""
     early_stopping_patience: Count = 0
     """epochs without improvement; 0 = off"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -325,6 +333,22 @@ class TrainConfig(Section):
                 f"early_stopping_patience: {self.early_stopping_patience} needs checkpoint: best "
                 "(with checkpoint: last the run would stop at an arbitrary epoch); set it to 0"
             )
+        if self.swa_epochs:
+            if self.swa_epochs >= self.epochs:
+                raise ValueError(
+                    f"swa_epochs: {self.swa_epochs} must be fewer than epochs ({self.epochs}): "
+                    "the averaged epochs follow the schedule's"
+                )
+            if self.checkpoint != "last":
+                raise ValueError(
+                    f"swa_epochs: {self.swa_epochs} needs checkpoint: last (the model is the "
+                    "average of the last epochs, not one epoch's weights)"
+                )
+            if self.ema_decay:
+                raise ValueError(
+                    f"swa_epochs: {self.swa_epochs} and ema_decay: {self.ema_decay} are two "
+                    "weight averages; set one of them to 0"
+                )
         return self
 
 

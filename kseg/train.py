@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -233,11 +234,32 @@ def _optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _scheduler(params: Params, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     cfg = params.train
+    if cfg.swa_epochs:
+        return torch.optim.lr_scheduler.LambdaLR(opt, partial(swa_lr_factor, cfg))
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def swa_lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based) over ``cfg.lr`` in a run with weight averaging.
+
+    The configured schedule runs over the first ``epochs - swa_epochs`` epochs, ending at
+    ``swa_lr`` (cosine: ``swa_lr + (lr - swa_lr) * (1 + cos(pi * e / T)) / 2``; step: tenfold
+    drops at thirds of T, floored at ``swa_lr``; none: ``lr``), then the averaged epochs run at
+    ``swa_lr``.
+    """
+    main = cfg.epochs - cfg.swa_epochs
+    floor = cfg.swa_lr / cfg.lr if cfg.lr else 1.0
+    if epoch >= main:
+        return floor
+    if cfg.scheduler == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * epoch / main))
+    if cfg.scheduler == "step":
+        return max(floor, 0.1 ** (epoch // max(1, main // 3)))
+    return 1.0
 
 
 def loss_fn(kind: str, fg_weight: float, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -313,22 +335,45 @@ def fingerprint(params: Params, tiles: list[Tiles]) -> str:
 
 
 def weight_average(
-    model: torch.nn.Module, decay: float
+    model: torch.nn.Module, decay: float, equal: bool = False
 ) -> torch.optim.swa_utils.AveragedModel | None:
-    """An exponential moving average of ``model``'s weights, or None when ``decay`` is 0.
+    """A moving average of ``model``'s weights, or None when ``decay`` is 0 and not ``equal``.
 
-    ``avg = decay * avg + (1 - decay) * current`` after every optimizer step (the first step
-    copies), with torch's :class:`~torch.optim.swa_utils.AveragedModel`. Buffers (BatchNorm
-    running statistics) are copied from the live model, not averaged: an average of running
-    statistics mixes in the large variances of the first steps, which do not match the averaged
-    weights (a Kidney-SegNet averaged that way at 0.98 predicted no nucleus after 8 TNBC epochs,
-    its running variances 60-85% off the live ones).
+    With ``decay``: ``avg = decay * avg + (1 - decay) * current`` after every optimizer step (the
+    first step copies); with ``equal``: the plain mean of every update (stochastic weight
+    averaging). Both are torch's :class:`~torch.optim.swa_utils.AveragedModel`. Buffers (BatchNorm
+    running statistics) are not averaged: an average of running statistics mixes in the large
+    variances of the first steps, which do not match the averaged weights (a Kidney-SegNet averaged
+    that way at 0.98 predicted no nucleus after 8 TNBC epochs, its running variances 60-85% off
+    the live ones). The EMA copies the live model's; SWA recomputes them (:func:`finish_swa`).
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+    if equal:
+        return AveragedModel(model, use_buffers=False)
     if decay <= 0.0:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+def finish_swa(
+    swa: torch.optim.swa_utils.AveragedModel,
+    dataset: TrainDataset,
+    loader: torch.utils.data.DataLoader,
+    sampler: Any,
+    epoch: int,
+    device: torch.device,
+) -> None:
+    """Recomputes the averaged model's BatchNorm statistics on the training crops of ``epoch``.
+
+    The running statistics of the live network belong to its last weights, not to the average
+    (torch's ``update_bn``: cumulative means over one pass in training mode, no gradients).
+    """
+    from torch.optim.swa_utils import update_bn
+
+    dataset.set_epoch(epoch)  # the crops of that epoch again: deterministic, also on a resume
+    sampler.set_epoch(epoch)
+    update_bn(loader, swa.module, device)
 
 
 def save_checkpoint(
@@ -659,6 +704,10 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     # The average validates, is selected and is saved; the raw weights keep training.
     ema = weight_average(model, cfg.ema_decay)
     evaluated = ema.module if ema is not None else model
+    # Stochastic weight averaging: an equal average over the steps of the last swa_epochs; the
+    # live weights validate until the last epoch (the average has no BatchNorm statistics yet).
+    swa = weight_average(model, 0.0, equal=True) if cfg.swa_epochs else None
+    average = ema if ema is not None else swa  # one checkpoint slot: the two are exclusive
     opt = _optimizer(params, model)
     sched = _scheduler(params, opt)
     # fp16 needs loss scaling; bf16 has float32's range and does not.
@@ -668,7 +717,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        state, best_state = restore_checkpoint(ckpt, model, opt, sched, scaler, device, ema)
+        state, best_state = restore_checkpoint(ckpt, model, opt, sched, scaler, device, average)
         if rank == 0:
             log.info("resuming from %s after epoch %d", ckpt_path, state.epoch)
 
@@ -716,16 +765,25 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             def on_val_tile() -> None:
                 progress.update(val_task, advance=1)
 
-        after_step = (lambda: ema.update_parameters(model)) if ema is not None else None
+        swa_from = cfg.epochs - cfg.swa_epochs
         for epoch in range(state.epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
+            if ema is not None:
+                after_step = lambda: ema.update_parameters(model)  # noqa: E731
+            elif swa is not None and epoch >= swa_from:
+                after_step = lambda: swa.update_parameters(model)  # noqa: E731
+            else:
+                after_step = None
             row = _train_epoch(
                 params, net, loader, opt, scaler, device, epoch, progress, after_step
             )
             sched.step()
             stop = stop_flag(device)  # NCCL broadcasts device tensors only
             validated = validates_after(epoch, cfg.val_every, cfg.epochs)
+            if swa is not None and epoch + 1 == cfg.epochs:
+                finish_swa(swa, dataset, loader, sampler, epoch, device)
+                evaluated = swa.module  # the final validation, the saved model and the fit
             if rank == 0:
                 if validated:
                     if progress is not None:
@@ -758,7 +816,7 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
                 state.history.append({"epoch": epoch + 1, **row})
                 # Checkpoint first: a tracking server dying here must not cost the epoch.
                 save_checkpoint(
-                    ckpt_path, model, opt, sched, state, best_state, scaler, device, ema
+                    ckpt_path, model, opt, sched, state, best_state, scaler, device, average
                 )
                 tracker.log_metrics(row, step=epoch + 1)
                 _log_epoch(state, row, cfg.epochs)

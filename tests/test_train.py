@@ -237,6 +237,83 @@ def test_val_every_skips_validations_and_trains_the_same_weights(
     assert all(c["train_loss"] != "" for c in cells)
 
 
+def test_swa_learning_rate_runs_the_schedule_then_holds_swa_lr() -> None:
+    import itertools
+    import math
+
+    from kseg.config import TrainConfig
+    from kseg.train import swa_lr_factor
+
+    cfg = TrainConfig(
+        epochs=10, swa_epochs=4, swa_lr=0.0005, lr=0.002, scheduler="cosine", checkpoint="last"
+    )
+    factors = [swa_lr_factor(cfg, e) for e in range(10)]
+    assert factors[0] == 1.0  # the cosine starts at lr ...
+    # ... and ends at swa_lr over the 6 scheduled epochs: 0.25 + 0.75 * (1 + cos(pi / 2)) / 2
+    assert math.isclose(factors[3], 0.25 + 0.75 * 0.5)
+    assert factors[6:] == [0.25] * 4  # the averaged epochs run at swa_lr
+    assert all(a > b for a, b in itertools.pairwise(factors[:7]))  # falling to swa_lr
+    step = cfg.model_copy(update={"scheduler": "step"})
+    assert [swa_lr_factor(step, e) for e in range(10)] == [1, 1, 0.25, 0.25, 0.25, 0.25] + [
+        0.25
+    ] * 4  # 0.1 after a third of 6 epochs is below swa_lr: floored
+    none = cfg.model_copy(update={"scheduler": "none"})
+    assert [swa_lr_factor(none, e) for e in range(10)] == [1.0] * 6 + [0.25] * 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"swa_epochs": 3}, "fewer than epochs"),
+        ({"swa_epochs": 1, "checkpoint": "best"}, "needs checkpoint: last"),
+        ({"swa_epochs": 1, "ema_decay": 0.9}, "two weight averages"),
+    ],
+)
+def test_swa_settings_that_cannot_work_are_refused(change: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from kseg.config import TrainConfig
+
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**{"epochs": 3, "checkpoint": "last", **change})
+
+
+def test_swa_saves_the_average_of_the_last_epochs_with_its_own_batchnorm_statistics(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    import kseg.train as train_mod
+    from kseg.config import load_params
+
+    project = copy_project(prepared, tmp_path / "swa")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["train"].update(
+        epochs=3, swa_epochs=2, swa_lr=0.001, checkpoint="last", samples_per_epoch=8
+    )
+    (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    params = load_params("params.yaml")
+    summary = train_mod.train(params)
+    assert summary["best_epoch"] == 3
+    ckpt = train_mod.load_checkpoint(next(Path(".checkpoints").glob("*/checkpoint.pt")))
+    assert int(ckpt["ema"]["n_averaged"]) == 2 * 8 // 2  # every step (batch 2) of two epochs
+    saved, live = _weights(project), ckpt["model"]
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+    _assert_same_weights(saved, averaged)  # the model folder holds the average ...
+    weights = [k for k, v in live.items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(saved[k], live[k]) for k in weights)  # ... not the last step
+    # BatchNorm statistics recomputed for the averaged weights, not the live network's.
+    running = [k for k in live if k.endswith("running_var")]
+    assert running and all(not torch.equal(saved[k], live[k]) for k in running)
+    # Each row's lr is the rate after its epoch's scheduler step: epoch 1 ran at lr (0.002,
+    # scheduler none), the averaged epochs 2 and 3 at swa_lr.
+    rows = (project / "models" / "kseg" / "train_curve.csv").read_text().splitlines()
+    assert [float(r.split(",")[-1]) for r in rows[1:]] == [0.001] * 3
+    assert rows[0].split(",")[-1] == "lr"
+
+
 def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
     overrides = ["--params", "params.yaml"]
     straight = copy_project(prepared, tmp_path / "straight")
