@@ -286,17 +286,37 @@ def test_swa_saves_the_average_of_the_last_epochs_with_its_own_batchnorm_statist
     import kseg.train as train_mod
     from kseg.config import load_params
 
-    project = copy_project(prepared, tmp_path / "swa")
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
-    doc = yaml.safe_load((project / "params.yaml").read_text())
-    doc["train"].update(
-        epochs=3, swa_epochs=2, swa_lr=0.001, checkpoint="last", samples_per_epoch=8
-    )
-    (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    def swa_project(name: str) -> Path:
+        project = copy_project(prepared, tmp_path / name)
+        monkeypatch.chdir(project)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_env(project)["MLFLOW_TRACKING_URI"])
+        doc = yaml.safe_load((project / "params.yaml").read_text())
+        doc["train"].update(
+            epochs=3, swa_epochs=2, swa_lr=0.001, checkpoint="last", samples_per_epoch=8
+        )
+        (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        return project
+
+    # A run stopped in its last epoch, halfway through the average, then resumed ...
+    interrupted = swa_project("interrupted")
+    real_epoch = train_mod._train_epoch
+
+    def fail_in_epoch_3(*args, **kwargs):
+        if args[6] == 2:  # params, model, loader, opt, scaler, device, epoch (0-based)
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", fail_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(load_params("params.yaml"))
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    train_mod.train(load_params("params.yaml"))
+    # ... and one straight through.
+    project = swa_project("swa")
     params = load_params("params.yaml")
     summary = train_mod.train(params)
     assert summary["best_epoch"] == 3
+    _assert_same_weights(_weights(project), _weights(interrupted))
     ckpt = train_mod.load_checkpoint(next(Path(".checkpoints").glob("*/checkpoint.pt")))
     assert int(ckpt["ema"]["n_averaged"]) == 2 * 8 // 2  # every step (batch 2) of two epochs
     saved, live = _weights(project), ckpt["model"]
