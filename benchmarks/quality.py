@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] [--prepared prepared] [--post fitted]
         [--tta flips|dihedral] [--scales 1.0 1.25] [--window 256] [--refit] [--ensemble]
-        [--json out.json]
+        [--stain-tta] [--json out.json]
 
 For each model folder: segment the validation and the test tiles of ``prepared/split.json`` (raw
 tiles; the model applies its own stain normalization) and print the mean AJI, PQ, object F1,
@@ -17,6 +17,10 @@ the checkpoint and the fitted thresholds, so only the test columns are an unbias
 predicts its maps (foreground probability and distance, with its own stain normalization, input
 normalization and TTA), the maps are averaged, and the first member's post-processing (or, with
 ``--refit``, values fitted on the validation tiles to the averaged maps) makes the instances.
+
+``--stain-tta`` averages the maps of five stain views of each tile (identity, H x 0.8, H x 1.25,
+E x 0.8, E x 1.25 with ``kseg.augment.hed_jitter``; each with the model's own TTA); use it with
+``--refit`` (docs/results.md, twenty-second round: no gain, so it is not a kseg option).
 """
 
 from __future__ import annotations
@@ -73,6 +77,33 @@ class EnsembleSegmenter:
         return postprocess_maps(maps, self.postprocess), maps[-1]
 
 
+#: (H, E) concentration scales of the ``--stain-tta`` views (D unchanged, no shift).
+STAIN_VIEWS = ((1.0, 1.0), (0.8, 1.0), (1.25, 1.0), (1.0, 0.8), (1.0, 1.25))
+
+
+class StainTTASegmenter:
+    """A segmenter whose maps are the mean over :data:`STAIN_VIEWS` of the image."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.model_config = inner.model_config
+        self.postprocess = inner.postprocess
+
+    def maps(self, image: np.ndarray) -> np.ndarray:
+        """Mean ``(C, H, W)`` maps over the stain views of ``image``."""
+        from kseg.augment import hed_jitter
+
+        views = [hed_jitter(image, np.array([h, e, 1.0]), np.zeros(3)) for h, e in STAIN_VIEWS]
+        return np.mean([self.inner.maps(view) for view in views], axis=0)
+
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instance labels of the mean maps, and the mean distance map."""
+        from kseg.postprocess import postprocess_maps
+
+        maps = self.maps(image)
+        return postprocess_maps(maps, self.postprocess), maps[-1]
+
+
 def main() -> None:
     from kseg.infer import TTA_VIEWS
 
@@ -92,6 +123,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--ensemble", action="store_true", help="score the model folders as one ensemble"
+    )
+    parser.add_argument(
+        "--stain-tta", action="store_true", help="average the maps of 5 stain views of each tile"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -122,6 +156,8 @@ def main() -> None:
                     update={"infer_window": args.window}
                 )
         seg = EnsembleSegmenter(members) if len(members) > 1 else members[0]
+        if args.stain_tta:
+            seg = StainTTASegmenter(seg)
         if args.post == "params":
             raw = json.loads((folder / "params.json").read_text())
             seg.postprocess = params_from_dict(raw).postprocess
@@ -145,6 +181,7 @@ def main() -> None:
                     "tta": seg.model_config.infer_tta,
                     "scales": list(seg.model_config.infer_scales),
                     "window": seg.model_config.window,
+                    "stain_tta": args.stain_tta,
                     "seconds_per_tile": seconds,
                     **scores,
                 }

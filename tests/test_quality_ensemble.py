@@ -54,3 +54,23 @@ def test_ensemble_refuses_members_with_different_heads(quality) -> None:
     ]
     with pytest.raises(ValueError, match="--ensemble: members have different heads"):
         quality.EnsembleSegmenter(members)
+
+
+def test_stain_tta_maps_are_the_mean_over_the_five_stain_views(quality) -> None:
+    from kseg.augment import hed_jitter
+
+    seg = Segmenter.from_folder(pretrained_model())
+    seg.model_config = seg.model_config.model_copy(update={"infer_tta": "none"})
+    image = _image()
+    views = [
+        seg.maps(hed_jitter(image, np.array([h, e, 1.0]), np.zeros(3)))
+        for h, e in ((1, 1), (0.8, 1), (1.25, 1), (1, 0.8), (1, 1.25))
+    ]
+    assert not np.allclose(views[0], views[2])  # the views differ, else the mean proves nothing
+    np.testing.assert_array_equal(views[0], seg.maps(image))  # the first view is the image
+    stain = quality.StainTTASegmenter(seg)
+    mean = stain.maps(image)
+    np.testing.assert_allclose(mean, np.mean(views, axis=0), rtol=0, atol=1e-6)
+    labels, distance = stain.segment(image)
+    np.testing.assert_array_equal(labels, postprocess_maps(mean, seg.postprocess))
+    np.testing.assert_allclose(distance, mean[-1], atol=1e-6)
