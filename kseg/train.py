@@ -345,7 +345,8 @@ def weight_average(
     running statistics) are not averaged: an average of running statistics mixes in the large
     variances of the first steps, which do not match the averaged weights (a Kidney-SegNet averaged
     that way at 0.98 predicted no nucleus after 8 TNBC epochs, its running variances 60-85% off
-    the live ones). The EMA copies the live model's; SWA recomputes them (:func:`finish_swa`).
+    the live ones). Both copy the live model's after each update; SWA then recomputes them for
+    the final average (:func:`finish_swa`).
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
