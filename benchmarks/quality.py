@@ -50,7 +50,23 @@ def score_split(segmenter, tiles) -> tuple[dict[str, float], float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}, seconds
 
 
-class EnsembleSegmenter:
+class MeanMapsSegmenter:
+    """Instances from a subclass's mean maps (``maps``), as kseg.segmenter.Segmenter makes them."""
+
+    postprocess: object
+
+    def maps(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instance labels of the mean maps, and the mean distance map."""
+        from kseg.postprocess import postprocess_maps
+
+        maps = self.maps(image)
+        return postprocess_maps(maps, self.postprocess), maps[-1]
+
+
+class EnsembleSegmenter(MeanMapsSegmenter):
     """Several segmenters as one: the mean of their ``(C, H, W)`` maps, then post-processing.
 
     Args:
@@ -69,19 +85,12 @@ class EnsembleSegmenter:
         """Mean ``(C, H, W)`` maps of the members (probabilities for ``fg_dist``)."""
         return np.mean([m.maps(image) for m in self.members], axis=0)
 
-    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Instance labels of the mean maps, and the mean distance map."""
-        from kseg.postprocess import postprocess_maps
-
-        maps = self.maps(image)
-        return postprocess_maps(maps, self.postprocess), maps[-1]
-
 
 #: (H, E) concentration scales of the ``--stain-tta`` views (D unchanged, no shift).
 STAIN_VIEWS = ((1.0, 1.0), (0.8, 1.0), (1.25, 1.0), (1.0, 0.8), (1.0, 1.25))
 
 
-class StainTTASegmenter:
+class StainTTASegmenter(MeanMapsSegmenter):
     """A segmenter whose maps are the mean over :data:`STAIN_VIEWS` of the image."""
 
     def __init__(self, inner) -> None:
@@ -95,13 +104,6 @@ class StainTTASegmenter:
 
         views = [hed_jitter(image, np.array([h, e, 1.0]), np.zeros(3)) for h, e in STAIN_VIEWS]
         return np.mean([self.inner.maps(view) for view in views], axis=0)
-
-    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Instance labels of the mean maps, and the mean distance map."""
-        from kseg.postprocess import postprocess_maps
-
-        maps = self.maps(image)
-        return postprocess_maps(maps, self.postprocess), maps[-1]
 
 
 def main() -> None:

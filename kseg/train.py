@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from kseg.config import Params, TrainConfig, params_hash, save_config
 from kseg.data.dataset import Tiles, TrainDataset, load_split, load_tiles, resample_tiles
@@ -346,7 +347,7 @@ def weight_average(
     variances of the first steps, which do not match the averaged weights (a Kidney-SegNet averaged
     that way at 0.98 predicted no nucleus after 8 TNBC epochs, its running variances 60-85% off
     the live ones). Both copy the live model's after each update; SWA then recomputes them for
-    the final average (:func:`finish_swa`).
+    the final average (torch's ``update_bn``, in :func:`train`).
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -355,26 +356,6 @@ def weight_average(
     if decay <= 0.0:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-
-
-def finish_swa(
-    swa: torch.optim.swa_utils.AveragedModel,
-    dataset: TrainDataset,
-    loader: torch.utils.data.DataLoader,
-    sampler: Any,
-    epoch: int,
-    device: torch.device,
-) -> None:
-    """Recomputes the averaged model's BatchNorm statistics on the training crops of ``epoch``.
-
-    The running statistics of the live network belong to its last weights, not to the average
-    (torch's ``update_bn``: cumulative means over one pass in training mode, no gradients).
-    """
-    from torch.optim.swa_utils import update_bn
-
-    dataset.set_epoch(epoch)  # the crops of that epoch again: deterministic, also on a resume
-    sampler.set_epoch(epoch)
-    update_bn(loader, swa.module, device)
 
 
 def save_checkpoint(
@@ -783,7 +764,9 @@ def train(params: Params, resume: bool = True) -> dict[str, Any]:  # noqa: C901 
             stop = stop_flag(device)  # NCCL broadcasts device tensors only
             validated = validates_after(epoch, cfg.val_every, cfg.epochs)
             if swa is not None and epoch + 1 == cfg.epochs:
-                finish_swa(swa, dataset, loader, sampler, epoch, device)
+                # BatchNorm statistics for the average (the live ones belong to the last
+                # weights): one pass over this epoch's crops again, in training mode, no gradients.
+                update_bn(loader, swa.module, device)
                 evaluated = swa.module  # the final validation, the saved model and the fit
             if rank == 0:
                 if validated:
